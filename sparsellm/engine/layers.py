@@ -1,0 +1,91 @@
+"""Run a model one decoder layer at a time.
+
+`capture` runs the embeddings once and records the inputs of decoder layer 0 together with the exact
+keyword arguments the model passes to *every* layer (attention mask, position ids, rotary cos/sin).
+Gemma 3 gives sliding and full attention layers different masks and rotary tables, so each layer's own
+kwargs are recorded; no layer is ever asked to compute them itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.adapters import Adapter
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: records what it is given and passes the hidden states through."""
+
+    def __init__(self, index: int, last: bool, record: LayerInputs, layer: nn.Module):
+        super().__init__()
+        self.index, self.last, self.record = index, last, record
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.index == 0:
+            self.record.hidden.append(hidden_states.detach().float())
+        if len(self.record.kwargs) == self.index:
+            self.record.kwargs.append(_static_kwargs(kwargs))
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def _static_kwargs(kwargs: dict) -> dict:
+    drop = {"cache", "past_key_value", "past_key_values", "use_cache", "output_attentions", "cache_position"}
+    return {k: v for k, v in kwargs.items() if k not in drop}
+
+
+@dataclass
+class LayerInputs:
+    """Hidden states entering layer 0, [n, seqlen, d], and the kwargs of each layer's call."""
+
+    hidden: torch.Tensor | list[torch.Tensor]
+    kwargs: list[dict]
+
+
+@torch.no_grad()
+def capture(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int) -> LayerInputs:
+    """Inputs of layer 0 for every row of `tokens` [n, seqlen].
+
+    The kwargs are recorded from a batch of one sample, so they broadcast over any batch size.
+    """
+    layers = adapter.decoder_layers(model)
+    record = LayerInputs([], [])
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = _Recorder(i, i == len(originals) - 1, record, layer)
+    try:
+        starts = [0, *range(1, tokens.shape[0], batch_size)]
+        for start, end in zip(starts, [*starts[1:], tokens.shape[0]]):
+            try:
+                model(input_ids=tokens[start:end], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    record.hidden = torch.cat(record.hidden)
+    return record
+
+
+def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer applied to every sample of `hidden`, batch by batch (written into `out` if given)."""
+    out = torch.empty_like(hidden) if out is None else out
+    for start in range(0, hidden.shape[0], batch_size):
+        out[start : start + batch_size] = call_layer(layer, hidden[start : start + batch_size], kwargs)
+    return out

@@ -1,0 +1,130 @@
+"""The SparseGPT-style sequential engine: prune decoder layers in order, each on the outputs of the last.
+
+Per layer: (a) run it on its inputs with hooks on its linears to accumulate statistics, keeping the dense
+outputs; (b) prune its linears; (c) run the pruned layer to produce the next layer's inputs, measuring
+the relative reconstruction error against the dense outputs. Errors propagate, as in every peer.
+With `true_sequential`, (a)-(b) repeat site by site (q,k,v -> o -> gate,up -> down), each site's inputs
+recomputed after the sites before it were pruned. Joint-MLP methods (SparseLLM) get the attention sites
+the same way and then the whole MLP at once, on MLP inputs recomputed after attention was pruned.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..methods.base import Method, Target
+from ..models.adapters import Adapter, Site, submodule
+from .layers import call_layer, capture, run_layer
+from .stats import recording
+
+
+@dataclass
+class LayerLog:
+    index: int
+    seconds: float = 0.0
+    recon_error: float = 0.0  # ||Y_dense - Y_pruned||^2 / ||Y_dense||^2 of the layer's output
+    events: list[str] = field(default_factory=list)
+    mlp: dict | None = None  # joint-MLP methods: objective per round, chosen round
+
+
+@dataclass
+class EngineOptions:
+    batch_size: int = 8
+    true_sequential: bool = False
+    dense_attention_mlp_input: bool = False  # SparseLLM: the reference code's variant
+
+
+@torch.no_grad()
+def prune_site_group(
+    layer: nn.Module, sites: list[Site], method: Method, target: Target, x: torch.Tensor, kwargs: dict,
+    opts: EngineOptions, dense_out: torch.Tensor | None = None,
+) -> list[str]:
+    """Statistics of `sites` from one pass over the layer, then prune each of their linears."""
+    first = {site.name: submodule(layer, site.linears[0]) for site in sites}
+    kind = method.statistic or "sqnorm"  # a data-free method still runs the pass for the dense outputs
+    with recording(first, kind) as stats:
+        run_layer(layer, x, kwargs, opts.batch_size, out=dense_out)
+    events = []
+    for site in sites:
+        stat = stats[site.name].mean() if method.statistic else None
+        for path in site.linears:
+            linear = submodule(layer, path)
+            pruned = method.prune(linear.weight.data, stat, target)
+            linear.weight.data.copy_(pruned.weight)
+            events += [f"{path}: {e}" for e in pruned.events]
+    return events
+
+
+@torch.no_grad()
+def mlp_inputs(layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict, opts: EngineOptions) -> torch.Tensor:
+    """The MLP's input for every calibration token, [N, d], as the layer currently computes it."""
+    chunks: list[torch.Tensor] = []
+    up = adapter.mlp(layer).up
+    handle = up.register_forward_hook(lambda _m, args, _o: chunks.append(args[0].reshape(-1, args[0].shape[-1]).float()))
+    try:
+        for start in range(0, x.shape[0], opts.batch_size):
+            call_layer(layer, x[start : start + opts.batch_size], kwargs)
+    finally:
+        handle.remove()
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def finish_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, dense_out: torch.Tensor, batch_size: int) -> float:
+    """Overwrite `dense_out` with the pruned layer's outputs; return the relative squared error."""
+    err = norm = 0.0
+    for start in range(0, x.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        out = call_layer(layer, x[sl], kwargs)
+        err += (out - dense_out[sl]).pow(2).sum().item()
+        norm += dense_out[sl].pow(2).sum().item()
+        dense_out[sl] = out
+    return err / max(norm, 1e-30)
+
+
+def prune_layer(
+    layer: nn.Module, adapter: Adapter, method: Method, target: Target, x: torch.Tensor, kwargs: dict,
+    out: torch.Tensor, opts: EngineOptions,
+) -> LayerLog:
+    """Prune one decoder layer in place; `out` receives its pruned outputs."""
+    t0 = time.perf_counter()
+    log = LayerLog(index=-1)
+    sites = [s for s in adapter.sites if not (method.joint_mlp and s.part == "mlp")]
+    groups = [[s] for s in sites] if opts.true_sequential else [sites]
+    dense_x_mlp = None
+    if method.joint_mlp and opts.dense_attention_mlp_input:
+        dense_x_mlp = mlp_inputs(layer, adapter, x, kwargs, opts)
+    for i, group in enumerate(groups):
+        log.events += prune_site_group(layer, group, method, target, x, kwargs, opts, dense_out=out if i == 0 else None)
+    if method.joint_mlp:
+        x_mlp = dense_x_mlp if dense_x_mlp is not None else mlp_inputs(layer, adapter, x, kwargs, opts)
+        log.mlp = method.prune_mlp(adapter.mlp(layer), x_mlp, target)
+        log.events += log.mlp.pop("events", [])
+    log.recon_error = finish_layer(layer, x, kwargs, out, opts.batch_size)
+    log.seconds = time.perf_counter() - t0
+    return log
+
+
+def prune_model(
+    model: nn.Module, adapter: Adapter, method: Method, target: Target, calib: torch.Tensor,
+    layers: set[int], opts: EngineOptions, progress: bool = True,
+) -> list[LayerLog]:
+    """Prune the decoder layers in `layers` sequentially on calibration tokens [n, seqlen]."""
+    inputs = capture(model, adapter, calib, opts.batch_size)
+    x = inputs.hidden
+    out = torch.empty_like(x)
+    logs = []
+    decoder = adapter.decoder_layers(model)
+    for i in tqdm(range(len(decoder)), desc=f"{method.name} {target}", unit="layer", disable=not progress):
+        if i in layers:
+            logs.append(prune_layer(decoder[i], adapter, method, target, x, inputs.kwargs[i], out, opts))
+            logs[-1].index = i
+        else:
+            run_layer(decoder[i], x, inputs.kwargs[i], opts.batch_size, out=out)
+        x, out = out, x
+    return logs

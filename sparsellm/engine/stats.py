@@ -1,0 +1,45 @@
+"""Input statistics of linears, accumulated by forward hooks over token chunks.
+
+Statistics are plain fp32 sums plus a token count, so they add across chunks (and across processes).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class InputStats:
+    """Running X^T X (kind "hessian") or column sums of squares (kind "sqnorm") of a linear's input."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.sum: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        part = x.T @ x if self.kind == "hessian" else (x * x).sum(0)
+        self.sum = part if self.sum is None else self.sum.add_(part)
+        self.tokens += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """X^T X / N (or the per-column mean square)."""
+        return self.sum / self.tokens
+
+
+@contextmanager
+def recording(modules: dict[str, nn.Module], kind: str):
+    """Within the block, every forward of each module adds its input to `stats[name]`."""
+    stats = {name: InputStats(kind) for name in modules}
+    handles = [
+        module.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
+        for name, module in modules.items()
+    ]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()

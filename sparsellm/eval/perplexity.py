@@ -1,0 +1,32 @@
+"""Perplexity computed one decoder layer at a time (so a model need not run whole), ppl = exp(mean token NLL)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..engine.layers import capture, run_layer
+from ..models.adapters import Adapter
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> tuple[float, int]:
+    """(summed next-token NLL, number of predicted tokens) over non-overlapping windows [n, seqlen]."""
+    inputs = capture(model, adapter, windows, batch_size)
+    x = inputs.hidden
+    decoder = adapter.decoder_layers(model)
+    for i in tqdm(range(len(decoder)), desc="eval", unit="layer", disable=not progress, leave=False):
+        run_layer(decoder[i], x, inputs.kwargs[i], batch_size, out=x)  # in place: each batch reads only itself
+    total = 0.0
+    for j in range(windows.shape[0]):  # one window at a time: the vocabulary-sized logits dominate memory
+        logits = adapter.logits(model, x[j : j + 1])[0, :-1].float()
+        total += nn.functional.cross_entropy(logits, windows[j, 1:], reduction="sum").item()
+    return total, windows.shape[0] * (windows.shape[1] - 1)
+
+
+def perplexity(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+    nll, count = window_nll(model, adapter, windows, batch_size, progress)
+    return math.exp(nll / count)

@@ -1,0 +1,92 @@
+"""The method interface and the exact, deterministic mask helpers every method shares.
+
+A method prunes one weight matrix W [out, in] given a statistic of its input (the Hessian X X^T / N, the
+column mean squares, or nothing). Masks are `True` where a weight is zeroed. Ties are broken by a stable
+sort (lower input index pruned first), so dequantised checkpoints, whose weights sit on a 4-bit grid and
+tie often, give the same mask on every run and the count is always exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Target:
+    """Unstructured: `sparsity` of each matrix zeroed. N:M: `n` of every `m` consecutive inputs zeroed."""
+
+    sparsity: float = 0.0
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self):
+        if self.m:
+            if not (0 < self.n < self.m):
+                raise UserError(f"N:M needs 0 < N < M (N of every M weights are zeroed); got {self.n}:{self.m}")
+        elif not (0.0 <= self.sparsity < 1.0):
+            raise UserError(f"sparsity must be in [0, 1); got {self.sparsity}")
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+    @property
+    def fraction(self) -> float:
+        return self.n / self.m if self.is_nm else self.sparsity
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:g}"
+
+
+def prune_count(numel: int, fraction: float) -> int:
+    """How many of `numel` weights a fraction zeroes: round half up, with float noise removed."""
+    return int(round(numel * fraction, 6) + 0.5)
+
+
+def smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k smallest scores in each row (stable: ties go to the lower index)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        mask.scatter_(-1, torch.argsort(scores, dim=-1, stable=True)[..., :k], True)
+    return mask
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask of the n smallest scores in every group of m consecutive columns."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise UserError(f"N:M with M={m} needs the input width to be a multiple of M; a matrix has {cols} inputs")
+    return smallest(scores.reshape(rows, cols // m, m), n).reshape(rows, cols)
+
+
+def mask_from_scores(scores: torch.Tensor, target: Target, per_row: bool) -> torch.Tensor:
+    if target.is_nm:
+        return nm_mask(scores, target.n, target.m)
+    if per_row:
+        return smallest(scores, prune_count(scores.shape[1], target.sparsity))
+    return smallest(scores.reshape(1, -1), prune_count(scores.numel(), target.sparsity)).reshape(scores.shape)
+
+
+class Pruned(NamedTuple):
+    weight: torch.Tensor
+    events: tuple[str, ...] = ()
+
+
+@dataclass
+class Method:
+    """One pruning method. Subclasses set `name` and `statistic` and implement `prune`.
+
+    `joint_mlp` methods (SparseLLM) also implement `prune_mlp`, and the engine hands them the whole MLP.
+    """
+
+    name: ClassVar[str] = ""
+    statistic: ClassVar[str | None] = None  # "hessian", "sqnorm" or None
+    joint_mlp: ClassVar[bool] = False
+
+    def prune(self, weight: torch.Tensor, stat: torch.Tensor | None, target: Target) -> Pruned:
+        raise NotImplementedError

