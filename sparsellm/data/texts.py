@@ -127,7 +127,9 @@ def _file_corpus(path_str: str) -> Corpus:
 
 def tokenize_stream(tokenizer, corpus: Corpus) -> torch.Tensor:
     """The whole corpus as one 1-D token tensor, tokenised once."""
-    return tokenizer(corpus.documents[0] if corpus.joined else " ".join(corpus.documents), return_tensors="pt").input_ids[0]
+    return tokenizer(
+        corpus.documents[0] if corpus.joined else " ".join(corpus.documents), return_tensors="pt"
+    ).input_ids[0]
 
 
 def eval_windows(tokenizer, corpus: Corpus, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ kwargs are recorded; no layer is ever asked to compute them itself.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -65,11 +66,9 @@ def capture(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size
         layers[i] = _Recorder(i, i == len(originals) - 1, record, layer)
     try:
         starts = [0, *range(1, tokens.shape[0], batch_size)]
-        for start, end in zip(starts, [*starts[1:], tokens.shape[0]]):
-            try:
+        for start, end in zip(starts, [*starts[1:], tokens.shape[0]], strict=False):
+            with contextlib.suppress(_Stop):
                 model(input_ids=tokens[start:end], use_cache=False)
-            except _Stop:
-                pass
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
@@ -83,7 +82,9 @@ def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def run_layer(
+    layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The layer applied to every sample of `hidden`, batch by batch (written into `out` if given)."""
     out = torch.empty_like(hidden) if out is None else out
     for start in range(0, hidden.shape[0], batch_size):

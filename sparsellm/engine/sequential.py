@@ -41,8 +41,14 @@ class EngineOptions:
 
 @torch.no_grad()
 def prune_site_group(
-    layer: nn.Module, sites: list[Site], method: Method, target: Target, x: torch.Tensor, kwargs: dict,
-    opts: EngineOptions, dense_out: torch.Tensor | None = None,
+    layer: nn.Module,
+    sites: list[Site],
+    method: Method,
+    target: Target,
+    x: torch.Tensor,
+    kwargs: dict,
+    opts: EngineOptions,
+    dense_out: torch.Tensor | None = None,
 ) -> list[str]:
     """Statistics of `sites` from one pass over the layer, then prune each of their linears."""
     first = {site.name: submodule(layer, site.linears[0]) for site in sites}
@@ -65,7 +71,9 @@ def mlp_inputs(layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict
     """The MLP's input for every calibration token, [N, d], as the layer currently computes it."""
     chunks: list[torch.Tensor] = []
     up = adapter.mlp(layer).up
-    handle = up.register_forward_hook(lambda _m, args, _o: chunks.append(args[0].reshape(-1, args[0].shape[-1]).float()))
+    handle = up.register_forward_hook(
+        lambda _m, args, _o: chunks.append(args[0].reshape(-1, args[0].shape[-1]).float())
+    )
     try:
         for start in range(0, x.shape[0], opts.batch_size):
             call_layer(layer, x[start : start + opts.batch_size], kwargs)
@@ -88,8 +96,14 @@ def finish_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, dense_out: tor
 
 
 def prune_layer(
-    layer: nn.Module, adapter: Adapter, method: Method, target: Target, x: torch.Tensor, kwargs: dict,
-    out: torch.Tensor, opts: EngineOptions,
+    layer: nn.Module,
+    adapter: Adapter,
+    method: Method,
+    target: Target,
+    x: torch.Tensor,
+    kwargs: dict,
+    out: torch.Tensor,
+    opts: EngineOptions,
 ) -> LayerLog:
     """Prune one decoder layer in place; `out` receives its pruned outputs."""
     t0 = time.perf_counter()
@@ -111,8 +125,14 @@ def prune_layer(
 
 
 def prune_model(
-    model: nn.Module, adapter: Adapter, method: Method, target: Target, calib: torch.Tensor,
-    layers: set[int], opts: EngineOptions, progress: bool = True,
+    model: nn.Module,
+    adapter: Adapter,
+    method: Method,
+    target: Target,
+    calib: torch.Tensor,
+    layers: set[int],
+    opts: EngineOptions,
+    progress: bool = True,
 ) -> list[LayerLog]:
     """Prune the decoder layers in `layers` sequentially on calibration tokens [n, seqlen]."""
     inputs = capture(model, adapter, calib, opts.batch_size)

@@ -13,7 +13,9 @@ from ..models.adapters import Adapter
 
 
 @torch.no_grad()
-def window_nll(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> tuple[float, int]:
+def window_nll(
+    model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int = 4, progress: bool = False
+) -> tuple[float, int]:
     """(summed next-token NLL, number of predicted tokens) over non-overlapping windows [n, seqlen]."""
     inputs = capture(model, adapter, windows, batch_size)
     x = inputs.hidden
@@ -27,6 +29,8 @@ def window_nll(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_
     return total, windows.shape[0] * (windows.shape[1] - 1)
 
 
-def perplexity(model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+def perplexity(
+    model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int = 4, progress: bool = False
+) -> float:
     nll, count = window_nll(model, adapter, windows, batch_size, progress)
     return math.exp(nll / count)

@@ -29,7 +29,7 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tens
     """
     events: list[str] = []
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
-    base = percdamp * torch.diag(hessian).mean().item()
+    base = percdamp * max(torch.diag(hessian).mean().item(), 1e-12)
     for dtype in (torch.float32, torch.float64):
         h = hessian.to(dtype)
         for step in range(MAX_DAMPING_STEPS):
@@ -41,7 +41,9 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tens
                     return inv_chol.to(hessian.dtype), events
             events.append(f"cholesky failed at damping {damp:.3g} ({dtype}); raising damping")
             log.warning(events[-1])
-    raise UserError("SparseGPT: the Hessian stays singular after raising damping 1e5x and using fp64; check the calibration data")
+    raise UserError(
+        "SparseGPT: the Hessian stays singular after raising damping 1e5x and using fp64; check the calibration data"
+    )
 
 
 @dataclass

@@ -7,8 +7,8 @@ only ever see sites, linears and an `MLP` view; no other module names a module p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -136,7 +136,9 @@ class OPTAdapter(Adapter):
 
     def mlp(self, layer):
         if not isinstance(layer.activation_fn, nn.ReLU):
-            raise UserError(f"OPT MLP activation {layer.activation_fn!r} is not ReLU; only ReLU OPT models are supported")
+            raise UserError(
+                f"OPT MLP activation {layer.activation_fn!r} is not ReLU; only ReLU OPT models are supported"
+            )
         return MLP("relu", up=layer.fc1, down=layer.fc2, act=layer.activation_fn)
 
 

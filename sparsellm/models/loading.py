@@ -121,7 +121,9 @@ def resolve(name_or_path: str) -> Path | str:
             raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
         return path
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise UserError(f"model not found: {name_or_path} (give a built-in name {sorted(BUILTINS)}, a folder, a .gguf or a hub id)")
+        raise UserError(
+            f"model not found: {name_or_path} (give a built-in name {sorted(BUILTINS)}, a folder, a .gguf or a hub id)"
+        )
     return name_or_path
 
 

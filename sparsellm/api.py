@@ -1,0 +1,248 @@
+"""The Python API: `prune(model, tokenizer, config) -> Report` and `evaluate(...)`, on named protocols."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .data import texts
+from .engine.sequential import EngineOptions, prune_model
+from .errors import UserError
+from .eval.perplexity import perplexity
+from .methods import Target, make_method
+from .models.adapters import Adapter, adapter_for, context_length
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How calibration and evaluation data are cut (DESIGN section 4)."""
+
+    name: str
+    seqlen: int
+    nsamples: int
+    max_windows: int | None  # None: the whole test text
+
+
+PROTOCOLS = {
+    "standard": Protocol("standard", seqlen=2048, nsamples=128, max_windows=None),
+    "quick": Protocol("quick", seqlen=512, nsamples=32, max_windows=64),
+}
+
+
+def protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise UserError(f"unknown protocol '{name}'; choose one of: {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def seqlen_for(model: nn.Module, proto: Protocol, seqlen: int | None) -> int:
+    """The protocol's seqlen (capped at the model's context), or an explicit one that must fit."""
+    context = context_length(model)
+    if seqlen is None:
+        return min(proto.seqlen, context)
+    if not 1 < seqlen <= context:
+        raise UserError(f"seqlen {seqlen} is outside the model's context (2..{context}); pass a smaller --seqlen")
+    return seqlen
+
+
+def parse_nm(text: str) -> Target:
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError as e:
+        raise UserError(f"--nm must look like N:M (e.g. 2:4, N of every M weights zeroed); got '{text}'") from e
+    return Target(n=n, m=m)
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """ "all", "first-half" (the SparseLLM paper's protocol), "A:B" (Python slice) or "i,j,k"."""
+    if spec == "all":
+        return list(range(n_layers))
+    if spec == "first-half":
+        return list(range(n_layers // 2))
+    try:
+        if ":" in spec:
+            a, b = spec.split(":")
+            chosen = list(range(n_layers))[slice(int(a) if a else None, int(b) if b else None)]
+        else:
+            chosen = sorted({int(v) for v in spec.split(",")})
+    except ValueError as e:
+        raise UserError(f"--layers must be all, first-half, A:B or i,j,k; got '{spec}'") from e
+    if not chosen or not all(0 <= i < n_layers for i in chosen):
+        raise UserError(f"--layers '{spec}' selects no valid layer of this {n_layers}-layer model")
+    return chosen
+
+
+@dataclass
+class PruneConfig:
+    method: str = "sparsegpt"
+    sparsity: float | None = None
+    nm: str | None = None  # "N:M": N of every M consecutive input weights zeroed
+    protocol: str = "quick"
+    calib: str = "c4"
+    nsamples: int | None = None
+    seqlen: int | None = None
+    seed: int = 0
+    layers: str = "all"
+    true_sequential: bool = False
+    batch_size: int = 8
+    method_options: dict = field(default_factory=dict)
+
+    def target(self) -> Target:
+        if (self.sparsity is None) == (self.nm is None):
+            raise UserError("give exactly one of --sparsity S or --nm N:M")
+        return parse_nm(self.nm) if self.nm else Target(sparsity=self.sparsity)
+
+
+@dataclass
+class Report:
+    method: str
+    protocol: str
+    config: dict
+    sparsity: dict
+    layers: list[dict]
+    timing: dict
+    data: dict
+    perplexity: dict = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
+    versions: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {
+        "sparsellm": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def sparsity_summary(
+    model: nn.Module, adapter: Adapter, layer_ids: list[int], dense_zeros: dict[str, int], target: Target
+) -> dict:
+    """Measured zeros of every pruned matrix, with the dense model's own zeros beside them."""
+    per_layer, total, zeros, dense = {}, 0, 0, 0
+    decoder = adapter.decoder_layers(model)
+    for i in layer_ids:
+        for path, linear in adapter.linears(decoder[i]).items():
+            name = f"layers.{i}.{path}"
+            numel = linear.weight.numel()
+            z = int((linear.weight == 0).sum())
+            per_layer[name] = {"numel": numel, "zeros": z, "dense_zeros": dense_zeros[name], "measured": z / numel}
+            total, zeros, dense = total + numel, zeros + z, dense + dense_zeros[name]
+    return {
+        "target": str(target),
+        "target_fraction": target.fraction,
+        "measured": zeros / max(total, 1),
+        "dense_zeros": dense / max(total, 1),
+        "kept_over_total": f"{total - zeros}/{total}",
+        "per_matrix": per_layer,
+    }
+
+
+def count_zeros(model: nn.Module, adapter: Adapter, layer_ids: list[int]) -> dict[str, int]:
+    decoder = adapter.decoder_layers(model)
+    return {
+        f"layers.{i}.{path}": int((linear.weight == 0).sum())
+        for i in layer_ids
+        for path, linear in adapter.linears(decoder[i]).items()
+    }
+
+
+def prune(model: nn.Module, tokenizer, config: PruneConfig, progress: bool = True) -> Report:
+    """Prune `model` in place as `config` says; return what was done and measured."""
+    t_start = time.perf_counter()
+    adapter = adapter_for(model)
+    target = config.target()
+    method = make_method(config.method, **config.method_options)
+    proto = protocol(config.protocol)
+    seqlen = seqlen_for(model, proto, config.seqlen)
+    nsamples = config.nsamples or proto.nsamples
+    if nsamples < 1:
+        raise UserError(f"--nsamples must be at least 1; got {nsamples}")
+    layer_ids = parse_layers(config.layers, len(adapter.decoder_layers(model)))
+    corpus = texts.corpus(config.calib, "train", online=texts.default_online())
+    calib = texts.calibration(tokenizer, corpus, nsamples, seqlen, config.seed)
+    t_data = time.perf_counter()
+    dense_zeros = count_zeros(model, adapter, layer_ids)
+    opts = EngineOptions(
+        batch_size=config.batch_size,
+        true_sequential=config.true_sequential,
+        dense_attention_mlp_input=bool(config.method_options.get("dense_attention_mlp_input", False)),
+    )
+    logs = prune_model(model, adapter, method, target, calib, set(layer_ids), opts, progress=progress)
+    t_prune = time.perf_counter()
+    return Report(
+        method=config.method,
+        protocol=proto.name,
+        config={
+            **asdict(config),
+            "seqlen": seqlen,
+            "nsamples": nsamples,
+            "layers_pruned": layer_ids,
+            "layers_total": len(adapter.decoder_layers(model)),
+            "family": adapter.family,
+        },
+        sparsity=sparsity_summary(model, adapter, layer_ids, dense_zeros, target),
+        layers=[asdict(log) for log in logs],
+        timing={"data_s": t_data - t_start, "prune_s": t_prune - t_data},
+        data={
+            "calibration": {
+                "name": corpus.name,
+                "source": corpus.source,
+                "sha256": corpus.sha256,
+                "tokens_sha256": _tensor_sha(calib),
+            }
+        },
+        events=[e for log in logs for e in log.events],
+        peak_rss_mb=peak_rss_mb(),
+        versions=versions(),
+    )
+
+
+def _tensor_sha(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    datasets: list[str],
+    protocol_name: str = "quick",
+    seqlen: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, float], dict]:
+    """Perplexity per dataset under a protocol, and the data used (source, sha256, windows)."""
+    adapter = adapter_for(model)
+    proto = protocol(protocol_name)
+    seqlen = seqlen_for(model, proto, seqlen)
+    results, data = {}, {}
+    for name in datasets:
+        if name not in texts.DATASETS:
+            raise UserError(f"unknown evaluation dataset '{name}'; choose from: {', '.join(texts.DATASETS)}")
+        corpus = texts.corpus(name, "test", online=texts.default_online())
+        windows = texts.eval_windows(tokenizer, corpus, seqlen, proto.max_windows)
+        results[name] = perplexity(model, adapter, windows, progress=progress)
+        data[name] = {"source": corpus.source, "sha256": corpus.sha256, "windows": windows.shape[0], "seqlen": seqlen}
+    return results, data

@@ -1,0 +1,206 @@
+"""`sparsellm prune | eval | inspect`: bad input is a one-line error with exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+EXIT_USAGE = 2
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--protocol",
+        default="quick",
+        help="quick (seqlen 512, 32 calibration samples, first 64 "
+        "windows per text) or standard (seqlen 2048, 128 samples, full test sets)",
+    )
+    p.add_argument("--seqlen", type=int, help="override the protocol's sequence length")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsellm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and save it with report.json")
+    p.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m), .gguf file, HF folder or hub id")
+    p.add_argument("--method", default="sparsegpt", help="magnitude, wanda, sparsegpt or sparsellm")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sparsity", type=float, help="fraction of each matrix zeroed, in [0, 1)")
+    target.add_argument(
+        "--nm",
+        help="N:M semi-structured: N of every M consecutive input weights are zeroed "
+        "(2:4 = 50%%, 3:4 = 75%%), as in the SparseGPT/SparseLLM code",
+    )
+    _add_eval_args(p)
+    p.add_argument("--calib", default="c4", help="calibration text: c4, ptb, or a .txt/.jsonl file")
+    p.add_argument("--nsamples", type=int, help="calibration samples (default: the protocol's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", default="all", help="all, first-half (the SparseLLM paper's protocol), A:B or i,j,k")
+    p.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="prune q,k,v -> o -> gate,up -> down in turn, recomputing each group's inputs",
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval", default="", help="datasets to evaluate after pruning, e.g. wikitext2,ptb,c4")
+    p.add_argument("--out", required=True, help="output folder (Hugging Face format + report.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    e = sub.add_parser("eval", help="perplexity of a model or pruned folder")
+    e.add_argument("model")
+    e.add_argument("--datasets", default="wikitext2,ptb,c4")
+    _add_eval_args(e)
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    i = sub.add_parser("inspect", help="per-layer sparsity, N:M validity and the manifest of a pruned folder")
+    i.add_argument("folder")
+    return parser
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse a bad output folder before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"the parent folder of --out ({parent}) does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write to {parent}; choose another --out")
+
+
+def _save_atomically(model, tokenizer, report: dict, out: Path) -> None:
+    """Write into a temporary sibling folder, then rename it into place: never a half-written folder."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[k]) for row in cells)) for k, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def _datasets(spec: str) -> list[str]:
+    return [d.strip() for d in spec.split(",") if d.strip()]
+
+
+def cmd_prune(args) -> int:
+    from . import api
+    from .models import loading
+
+    out = Path(args.out)
+    _check_output(out, args.overwrite)
+    config = api.PruneConfig(
+        method=args.method,
+        sparsity=args.sparsity,
+        nm=args.nm,
+        protocol=args.protocol,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        layers=args.layers,
+        true_sequential=args.true_sequential,
+        batch_size=args.batch_size,
+    )
+    config.target()  # validate before the slow load
+    api.protocol(args.protocol)
+    t0 = time.perf_counter()
+    model, tokenizer = loading.load(args.model)
+    load_s = time.perf_counter() - t0
+    report = api.prune(model, tokenizer, config)
+    report.timing["load_s"] = load_s
+    if args.eval:
+        t1 = time.perf_counter()
+        report.perplexity, eval_data = api.evaluate(model, tokenizer, _datasets(args.eval), args.protocol, args.seqlen)
+        report.data["evaluation"] = eval_data
+        report.timing["eval_s"] = time.perf_counter() - t1
+    report.peak_rss_mb = api.peak_rss_mb()
+    result = report.to_dict()
+    result["model"] = args.model
+    result["command"] = " ".join(["sparsellm", *sys.argv[1:]])
+    _save_atomically(model, tokenizer, result, out)
+    row = {
+        "method": report.method,
+        "target": report.sparsity["target"],
+        "measured": f"{report.sparsity['measured']:.4f}",
+        "prune s": f"{report.timing['prune_s']:.1f}",
+        "peak RSS MB": f"{report.peak_rss_mb:.0f}",
+        **{k: f"{v:.2f}" for k, v in report.perplexity.items()},
+    }
+    print(_table([row], list(row)))
+    print(f"saved {out}/ (report.json inside)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import api
+    from .models import loading
+
+    datasets = _datasets(args.datasets)
+    api.protocol(args.protocol)
+    model, tokenizer = loading.load(args.model)
+    ppl, data = api.evaluate(model, tokenizer, datasets, args.protocol, args.seqlen)
+    if args.json:
+        print(json.dumps({"model": args.model, "protocol": args.protocol, "perplexity": ppl, "data": data}, indent=1))
+    else:
+        print(
+            _table(
+                [{"model": args.model, "protocol": args.protocol, **{k: f"{v:.3f}" for k, v in ppl.items()}}],
+                ["model", "protocol", *ppl],
+            )
+        )
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspection import inspect_folder
+
+    ok, text = inspect_folder(Path(args.folder))
+    print(text)
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sparsellm: %(message)s")
+    try:
+        import torch
+
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        return {"prune": cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
+    except UserError as e:
+        print(f"sparsellm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sparsellm: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
