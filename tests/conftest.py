@@ -13,16 +13,23 @@ SEQLEN = 32
 
 
 def tiny_config(family: str):
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=128)
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128
+    )
     if family == "opt":
         return OPTConfig(ffn_dim=128, word_embed_proj_dim=64, **common)
     if family == "llama":
         return LlamaConfig(intermediate_size=128, num_key_value_heads=2, **common)
     if family == "gemma3":
         # a sliding window shorter than the test windows, so per-layer-type masks matter
-        return Gemma3TextConfig(intermediate_size=128, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                                layer_types=["sliding_attention", "full_attention"], **common)
+        return Gemma3TextConfig(
+            intermediate_size=128,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            **common,
+        )
     raise ValueError(family)
 
 
