@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import FAMILIES, random_tokens, tiny_model
+
 from sparsellm.engine.sequential import EngineOptions, prune_model
 from sparsellm.eval.perplexity import perplexity
 from sparsellm.methods import METHODS, Target, make_method
