@@ -6,9 +6,10 @@ from ..errors import UserError
 from .base import Method, Pruned, Target
 from .magnitude import Magnitude
 from .sparsegpt import SparseGPT
+from .sparsellm import SparseLLM
 from .wanda import Wanda
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Magnitude, Wanda, SparseGPT)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Magnitude, Wanda, SparseGPT, SparseLLM)}
 
 
 def make_method(name: str, **options) -> Method:

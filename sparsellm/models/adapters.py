@@ -37,6 +37,7 @@ class MLP:
     up: nn.Linear
     down: nn.Linear
     act: Callable[[torch.Tensor], torch.Tensor]
+    act_name: str  # the Hugging Face config name, e.g. "silu", "gelu_pytorch_tanh", "relu"
     gate: nn.Linear | None = None
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,8 @@ class LlamaAdapter(Adapter):
 
     def mlp(self, layer):
         m = layer.mlp
-        return MLP("gated", up=m.up_proj, gate=m.gate_proj, down=m.down_proj, act=m.act_fn)
+        name = getattr(m.config, "hidden_activation", None) or m.config.hidden_act
+        return MLP("gated", up=m.up_proj, gate=m.gate_proj, down=m.down_proj, act=m.act_fn, act_name=name)
 
 
 class Gemma3Adapter(LlamaAdapter):
@@ -139,7 +141,7 @@ class OPTAdapter(Adapter):
             raise UserError(
                 f"OPT MLP activation {layer.activation_fn!r} is not ReLU; only ReLU OPT models are supported"
             )
-        return MLP("relu", up=layer.fc1, down=layer.fc2, act=layer.activation_fn)
+        return MLP("relu", up=layer.fc1, down=layer.fc2, act=layer.activation_fn, act_name="relu")
 
 
 ADAPTERS: tuple[Adapter, ...] = (LlamaAdapter(), Gemma3Adapter(), OPTAdapter())

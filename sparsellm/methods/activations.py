@@ -1,0 +1,70 @@
+"""MLP activations with their first and second derivatives (for SparseLLM's per-element s-step)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from ..errors import UserError
+
+
+class Activation(NamedTuple):
+    f: Callable[[torch.Tensor], torch.Tensor]
+    df: Callable[[torch.Tensor], torch.Tensor]
+    d2f: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _silu_df(s):
+    sig = torch.sigmoid(s)
+    return sig * (1 + s * (1 - sig))
+
+
+def _silu_d2f(s):
+    sig = torch.sigmoid(s)
+    return sig * (1 - sig) * (2 + s * (1 - 2 * sig))
+
+
+_C, _K = math.sqrt(2 / math.pi), 0.044715
+
+
+def _gelu_tanh(s):
+    return 0.5 * s * (1 + torch.tanh(_C * (s + _K * s**3)))
+
+
+def _gelu_tanh_df(s):
+    t = torch.tanh(_C * (s + _K * s**3))
+    du = _C * (1 + 3 * _K * s**2)
+    return 0.5 * (1 + t) + 0.5 * s * (1 - t * t) * du
+
+
+def _gelu_tanh_d2f(s):
+    t = torch.tanh(_C * (s + _K * s**3))
+    du, d2u = _C * (1 + 3 * _K * s**2), _C * 6 * _K * s
+    sech2 = 1 - t * t
+    return sech2 * du + 0.5 * s * (sech2 * d2u - 2 * t * sech2 * du * du)
+
+
+ACTIVATIONS = {
+    "silu": Activation(torch.nn.functional.silu, _silu_df, _silu_d2f),
+    "gelu_tanh": Activation(_gelu_tanh, _gelu_tanh_df, _gelu_tanh_d2f),
+    "relu": Activation(torch.relu, lambda s: (s > 0).to(s.dtype), torch.zeros_like),
+}
+
+# Hugging Face config names -> ours
+_ALIASES = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+def activation(hf_name: str) -> Activation:
+    if hf_name not in _ALIASES:
+        raise UserError(f"MLP activation '{hf_name}' is not supported by SparseLLM; supported: {sorted(_ALIASES)}")
+    return ACTIVATIONS[_ALIASES[hf_name]]

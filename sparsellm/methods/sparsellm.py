@@ -1,0 +1,218 @@
+"""SparseLLM (Bai et al. 2024): prune a decoder layer's MLP as one problem through auxiliary variables.
+
+Token-major notation (rows are tokens): X [N, d] the MLP input, Y [N, d] the dense MLP output.
+Gated MLP (LLaMA family, Gemma 3), with Z = up output, S = gate pre-activation, P = down input:
+
+    min  a_z ||Z - X Wu^T||^2 + a_s ||S - X Wg^T||^2 + g ||P - act(S) * Z||^2 + b ||Y - P Wd^T||^2
+
+ReLU MLP (OPT), with Z = fc1 pre-activation and P = fc2 input:
+
+    min  a_z ||Z - X W1^T - b1||^2 + g ||P - relu(Z)||^2 + b ||Y - P W2^T - b2||^2
+
+Each round: (1) W-steps: the dense least-squares fit of every linear to its current target, through the
+normal equations (fp32 Cholesky with a ridge), then SparseGPT on that fit with the linear's input Hessian
+(since ||T - W A||^2 = ||T - W* A||^2 + ||(W* - W) A||^2, that is the sparse least-squares step);
+(2) P in closed form, through Woodbury (a d x d Cholesky, never f x f); (3) Z exactly per element;
+(4) S (gated) by safeguarded per-element Newton that only accepts decreases.
+
+Every term is normalised by the squared norm of its dense target, so one (alpha, beta, gamma) serves all
+layers and families. Round 1 fits the dense targets, whose least-squares solutions are the dense weights,
+so round 1 is exactly SparseGPT. After each W-step the real MLP's output error ||Y - mlp(X)||^2 / ||Y||^2 is
+measured; the round with the lowest error is kept (never a worse last round).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..models.adapters import MLP
+from .activations import Activation, activation
+from .base import Target
+from .sparsegpt import SparseGPT
+
+log = logging.getLogger("sparsellm")
+
+CHUNK = 4096  # tokens per chunk for elementwise work, so temporaries stay small
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield slice(start, min(start + CHUNK, n))
+
+
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    """A^T A / N, accumulated chunk by chunk."""
+    out = torch.zeros(a.shape[1], a.shape[1])
+    for sl in _chunks(a.shape[0]):
+        out.addmm_(a[sl].T, a[sl])
+    return out / a.shape[0]
+
+
+def least_squares(target: torch.Tensor, inputs: torch.Tensor, hessian: torch.Tensor, ridge: float) -> torch.Tensor:
+    """W* = argmin ||T - A W^T||^2 + ridge: (T^T A / N) (A^T A / N + lambda I)^-1, by Cholesky."""
+    cross = target.T @ inputs / inputs.shape[0]
+    damp = ridge * torch.diag(hessian).mean().clamp_min(1e-12)
+    chol = torch.linalg.cholesky(hessian + damp * torch.eye(hessian.shape[0]))
+    return torch.cholesky_solve(cross.T, chol).T
+
+
+def newton_s_step(s, n, p, z, a_s, g, act: Activation, steps: int):
+    """Per element, lower a_s (s - n)^2 + g (p - act(s) z)^2 from s, accepting only decreases.
+
+    Newton where the curvature is positive, a gradient step scaled by the first term's curvature
+    elsewhere, halved until the objective falls (so every element's term provably does not rise).
+    """
+
+    def f(x):
+        return a_s * (x - n) ** 2 + g * (p - act.f(x) * z) ** 2
+
+    best = f(s)
+    for _ in range(steps):
+        r = p - act.f(s) * z
+        d1 = act.df(s)
+        grad = 2 * a_s * (s - n) - 2 * g * z * d1 * r
+        curv = 2 * a_s + 2 * g * (z * d1) ** 2 - 2 * g * z * act.d2f(s) * r
+        step = torch.where(curv > 0, grad / curv.clamp_min(1e-30), grad / (2 * a_s))
+        for _ in range(6):
+            trial = s - step
+            value = f(trial)
+            better = value < best
+            s = torch.where(better, trial, s)
+            best = torch.where(better, value, best)
+            step = torch.where(better, torch.zeros_like(step), step / 2)
+    return s
+
+
+@dataclass
+class SparseLLM(SparseGPT):
+    name = "sparsellm"
+    joint_mlp = True
+    rounds: int = 4
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    ridge: float = 0.01
+    newton_steps: int = 4
+
+    def prune_mlp(self, mlp: MLP, x: torch.Tensor, target: Target) -> dict:
+        """Prune the MLP's linears in place on inputs x [N, d]; return the per-round log."""
+        return _Solver(self, mlp, x, target).run()
+
+
+class _Solver:
+    """The state of one MLP's alternating minimisation."""
+
+    def __init__(self, method: SparseLLM, mlp: MLP, x: torch.Tensor, target: Target):
+        self.m, self.mlp, self.x, self.target = method, mlp, x, target
+        self.gated = mlp.kind == "gated"
+        self.act = activation(mlp.act_name)
+        self.dense = {k: lin.weight.data.float().clone() for k, lin in self._linears().items()}
+        self.b1 = mlp.up.bias.data.float() if mlp.up.bias is not None else torch.zeros(mlp.up.out_features)
+        self.b2 = mlp.down.bias.data.float() if mlp.down.bias is not None else torch.zeros(mlp.down.out_features)
+        with torch.no_grad():
+            self.z = x @ self.dense["up"].T + self.b1
+            self.s = x @ self.dense["gate"].T if self.gated else None
+            self.p = self._hidden(self.z, self.s)
+            self.y = self.p @ self.dense["down"].T + self.b2
+        self.hx = _gram(x)
+        sq = lambda t: t.pow(2).sum().item() + 1e-30  # noqa: E731
+        # Normalise each term by its dense target's squared norm: the weights become scale-free.
+        self.a_z, self.g, self.b = (
+            method.alpha / sq(self.z),
+            method.gamma / sq(self.p),
+            method.beta / sq(self.y - self.b2),
+        )
+        self.a_s = method.alpha / sq(self.s) if self.gated else 0.0
+        self.events: list[str] = []
+
+    def _linears(self) -> dict[str, torch.nn.Linear]:
+        out = {"up": self.mlp.up, "down": self.mlp.down}
+        if self.gated:
+            out["gate"] = self.mlp.gate
+        return out
+
+    def _hidden(self, z, s):
+        return self.act.f(s) * z if self.gated else self.act.f(z)
+
+    def _sparse_fit(self, name: str, tgt: torch.Tensor, inputs: torch.Tensor, hessian: torch.Tensor, first: bool):
+        w_star = self.dense[name] if first else least_squares(tgt, inputs, hessian, self.m.ridge)
+        pruned = self.m.prune(w_star, hessian, self.target)
+        self.events += [f"mlp.{name}: {e}" for e in pruned.events]
+        self._linears()[name].weight.data.copy_(pruned.weight)
+
+    def w_steps(self, first: bool) -> None:
+        self._sparse_fit("up", self.z - self.b1, self.x, self.hx, first)
+        if self.gated:
+            self._sparse_fit("gate", self.s, self.x, self.hx, first)
+        self._sparse_fit("down", self.y - self.b2, self.p, _gram(self.p), first)
+
+    def output_error(self) -> float:
+        err = 0.0
+        with torch.no_grad():
+            for sl in _chunks(self.x.shape[0]):
+                err += (self.mlp(self.x[sl]) - self.y[sl]).pow(2).sum().item()
+        return err / self.y.pow(2).sum().item()
+
+    def objective(self) -> float:
+        wu, wd = self.mlp.up.weight.data, self.mlp.down.weight.data
+        total = 0.0
+        for sl in _chunks(self.x.shape[0]):
+            x, z, p = self.x[sl], self.z[sl], self.p[sl]
+            total += self.a_z * (z - x @ wu.T - self.b1).pow(2).sum().item()
+            total += self.g * (p - self._hidden(z, self.s[sl] if self.gated else None)).pow(2).sum().item()
+            total += self.b * (self.y[sl] - p @ wd.T - self.b2).pow(2).sum().item()
+            if self.gated:
+                total += self.a_s * (self.s[sl] - x @ self.mlp.gate.weight.data.T).pow(2).sum().item()
+        return total
+
+    def p_step(self) -> None:
+        """P = (b Wd^T Wd + g I)^-1 (b Wd^T (Y - b2) + g h(Z, S)), by Woodbury on Wd Wd^T (d x d)."""
+        wd = self.mlp.down.weight.data.float()
+        chol = torch.linalg.cholesky(wd @ wd.T + (self.g / self.b) * torch.eye(wd.shape[0]))
+        for sl in _chunks(self.x.shape[0]):
+            r = self.b * (self.y[sl] - self.b2) @ wd + self.g * self._hidden(
+                self.z[sl], self.s[sl] if self.gated else None
+            )
+            self.p[sl] = (r - torch.cholesky_solve((r @ wd.T).T, chol).T @ wd) / self.g
+
+    def z_and_s_steps(self) -> None:
+        wu = self.mlp.up.weight.data
+        for sl in _chunks(self.x.shape[0]):
+            m = self.x[sl] @ wu.T + self.b1
+            p = self.p[sl]
+            if self.gated:
+                n = self.x[sl] @ self.mlp.gate.weight.data.T
+                gs = self.act.f(self.s[sl])
+                self.z[sl] = (self.a_z * m + self.g * gs * p) / (self.a_z + self.g * gs * gs)
+                self.s[sl] = newton_s_step(
+                    self.s[sl], n, p, self.z[sl], self.a_s, self.g, self.act, self.m.newton_steps
+                )
+            else:
+                self.z[sl] = relu_z_step(m, p, self.a_z, self.g)
+
+    def run(self) -> dict:
+        curve, errors, best = [], [], None
+        for r in range(self.m.rounds):
+            self.w_steps(first=r == 0)
+            errors.append(self.output_error())
+            curve.append(self.objective())
+            if best is None or errors[-1] < errors[best]:
+                best = r
+                kept = {k: lin.weight.data.clone() for k, lin in self._linears().items()}
+            if r + 1 < self.m.rounds:
+                self.p_step()
+                self.z_and_s_steps()
+        for k, lin in self._linears().items():
+            lin.weight.data.copy_(kept[k])
+        return {"objective": curve, "output_error": errors, "kept_round": best + 1, "events": self.events}
+
+
+def relu_z_step(m: torch.Tensor, p: torch.Tensor, a: float, g: float) -> torch.Tensor:
+    """argmin_z a (z - m)^2 + g (p - relu(z))^2 per element: the better of the z >= 0 and z <= 0 branches."""
+    pos = ((a * m + g * p) / (a + g)).clamp_min(0)
+    neg = m.clamp_max(0)
+    cost = lambda z: a * (z - m) ** 2 + g * (p - torch.relu(z)) ** 2  # noqa: E731
+    return torch.where(cost(pos) <= cost(neg), pos, neg)
