@@ -91,7 +91,8 @@ class PruneConfig:
     layers: str = "all"
     true_sequential: bool = False
     batch_size: int = 8
-    method_options: dict = field(default_factory=dict)
+    dense_attention_mlp_input: bool = False  # SparseLLM: the reference code's MLP input (before attention pruning)
+    method_options: dict = field(default_factory=dict)  # e.g. SparseLLM's rounds, alpha, beta, gamma
 
     def target(self) -> Target:
         if (self.sparsity is None) == (self.nm is None):
@@ -187,7 +188,7 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, progress: bool = Tru
     opts = EngineOptions(
         batch_size=config.batch_size,
         true_sequential=config.true_sequential,
-        dense_attention_mlp_input=bool(config.method_options.get("dense_attention_mlp_input", False)),
+        dense_attention_mlp_input=config.dense_attention_mlp_input,
     )
     logs = prune_model(model, adapter, method, target, calib, set(layer_ids), opts, progress=progress)
     t_prune = time.perf_counter()

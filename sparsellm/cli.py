@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="prune q,k,v -> o -> gate,up -> down in turn, recomputing each group's inputs",
     )
     p.add_argument("--batch-size", type=int, default=8)
+    s = p.add_argument_group("SparseLLM (--method sparsellm)")
+    s.add_argument("--rounds", type=int, help="alternating rounds per MLP (round 1 = SparseGPT)")
+    s.add_argument("--alpha", type=float, help="weight of the up/gate terms (each term is normalised per layer)")
+    s.add_argument("--beta", type=float, help="weight of the output term")
+    s.add_argument("--gamma", type=float, help="weight of the activation coupling term")
+    s.add_argument(
+        "--dense-attention-input",
+        action="store_true",
+        help="take the MLP input before the layer's attention was pruned (the reference code's variant)",
+    )
     p.add_argument("--eval", default="", help="datasets to evaluate after pruning, e.g. wikitext2,ptb,c4")
     p.add_argument("--out", required=True, help="output folder (Hugging Face format + report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -84,11 +94,14 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 def _save_atomically(model, tokenizer, report: dict, out: Path) -> None:
     """Write into a temporary sibling folder, then rename it into place: never a half-written folder."""
+    from .plots import write_plots
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        write_plots(report, tmp / "plots")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -106,6 +119,19 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
 def _datasets(spec: str) -> list[str]:
     return [d.strip() for d in spec.split(",") if d.strip()]
+
+
+def _method_options(args) -> dict:
+    options = {k: getattr(args, k) for k in ("rounds", "alpha", "beta", "gamma") if getattr(args, k) is not None}
+    if (options or args.dense_attention_input) and args.method != "sparsellm":
+        raise UserError(
+            "--rounds, --alpha, --beta, --gamma and --dense-attention-input apply to --method sparsellm only"
+        )
+    if options.get("rounds", 1) < 1:
+        raise UserError("--rounds must be at least 1")
+    if any(options.get(k, 1) <= 0 for k in ("alpha", "beta", "gamma")):
+        raise UserError("--alpha, --beta and --gamma must be positive")
+    return options
 
 
 def cmd_prune(args) -> int:

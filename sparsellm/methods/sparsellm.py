@@ -35,7 +35,7 @@ from .sparsegpt import SparseGPT
 
 log = logging.getLogger("sparsellm")
 
-CHUNK = 4096  # tokens per chunk for elementwise work, so temporaries stay small
+CHUNK = 1024  # tokens per chunk for elementwise work, so temporaries stay small
 
 
 def _chunks(n: int):
@@ -62,8 +62,9 @@ def least_squares(target: torch.Tensor, inputs: torch.Tensor, hessian: torch.Ten
 def newton_s_step(s, n, p, z, a_s, g, act: Activation, steps: int):
     """Per element, lower a_s (s - n)^2 + g (p - act(s) z)^2 from s, accepting only decreases.
 
-    Newton where the curvature is positive, a gradient step scaled by the first term's curvature
-    elsewhere, halved until the objective falls (so every element's term provably does not rise).
+    A Newton step where the curvature is positive, else a gradient step scaled by the first term's
+    curvature; if that does not lower the element's objective, half of it is tried; otherwise s stays.
+    So every element's term provably does not rise.
     """
 
     def f(x):
@@ -76,13 +77,13 @@ def newton_s_step(s, n, p, z, a_s, g, act: Activation, steps: int):
         grad = 2 * a_s * (s - n) - 2 * g * z * d1 * r
         curv = 2 * a_s + 2 * g * (z * d1) ** 2 - 2 * g * z * act.d2f(s) * r
         step = torch.where(curv > 0, grad / curv.clamp_min(1e-30), grad / (2 * a_s))
-        for _ in range(6):
-            trial = s - step
+        for scale in (1.0, 0.5):
+            trial = s - scale * step
             value = f(trial)
             better = value < best
             s = torch.where(better, trial, s)
             best = torch.where(better, value, best)
-            step = torch.where(better, torch.zeros_like(step), step / 2)
+            step = torch.where(better, 0.0, step)
     return s
 
 
@@ -90,7 +91,7 @@ def newton_s_step(s, n, p, z, a_s, g, act: Activation, steps: int):
 class SparseLLM(SparseGPT):
     name = "sparsellm"
     joint_mlp = True
-    rounds: int = 4
+    rounds: int = 3
     alpha: float = 1.0
     beta: float = 1.0
     gamma: float = 1.0
@@ -118,6 +119,8 @@ class _Solver:
             self.p = self._hidden(self.z, self.s)
             self.y = self.p @ self.dense["down"].T + self.b2
         self.hx = _gram(x)
+        self.up_out = torch.empty_like(self.z)  # sparse up/gate outputs of the current round (see evaluate)
+        self.gate_out = torch.empty_like(self.s) if self.gated else None
         sq = lambda t: t.pow(2).sum().item() + 1e-30  # noqa: E731
         # Normalise each term by its dense target's squared norm: the weights become scale-free.
         self.a_z, self.g, self.b = (
@@ -149,24 +152,24 @@ class _Solver:
             self._sparse_fit("gate", self.s, self.x, self.hx, first)
         self._sparse_fit("down", self.y - self.b2, self.p, _gram(self.p), first)
 
-    def output_error(self) -> float:
-        err = 0.0
-        with torch.no_grad():
-            for sl in _chunks(self.x.shape[0]):
-                err += (self.mlp(self.x[sl]) - self.y[sl]).pow(2).sum().item()
-        return err / self.y.pow(2).sum().item()
+    def evaluate(self) -> tuple[float, float]:
+        """(real MLP output error ||Y - mlp(X)||^2 / ||Y||^2, objective) in one pass over the tokens.
 
-    def objective(self) -> float:
+        It also caches the sparse up/gate outputs M, N, which the z- and s-steps of this round reuse.
+        """
         wu, wd = self.mlp.up.weight.data, self.mlp.down.weight.data
-        total = 0.0
+        err = obj = 0.0
         for sl in _chunks(self.x.shape[0]):
-            x, z, p = self.x[sl], self.z[sl], self.p[sl]
-            total += self.a_z * (z - x @ wu.T - self.b1).pow(2).sum().item()
-            total += self.g * (p - self._hidden(z, self.s[sl] if self.gated else None)).pow(2).sum().item()
-            total += self.b * (self.y[sl] - p @ wd.T - self.b2).pow(2).sum().item()
+            x, z, p, y = self.x[sl], self.z[sl], self.p[sl], self.y[sl]
+            self.up_out[sl] = m = x @ wu.T + self.b1
+            obj += self.a_z * (z - m).pow(2).sum().item()
             if self.gated:
-                total += self.a_s * (self.s[sl] - x @ self.mlp.gate.weight.data.T).pow(2).sum().item()
-        return total
+                self.gate_out[sl] = n = x @ self.mlp.gate.weight.data.T
+                obj += self.a_s * (self.s[sl] - n).pow(2).sum().item()
+            err += (y - self._hidden(m, n if self.gated else None) @ wd.T - self.b2).pow(2).sum().item()
+            obj += self.g * (p - self._hidden(z, self.s[sl] if self.gated else None)).pow(2).sum().item()
+            obj += self.b * (y - p @ wd.T - self.b2).pow(2).sum().item()
+        return err / self.y.pow(2).sum().item(), obj
 
     def p_step(self) -> None:
         """P = (b Wd^T Wd + g I)^-1 (b Wd^T (Y - b2) + g h(Z, S)), by Woodbury on Wd Wd^T (d x d)."""
@@ -179,12 +182,10 @@ class _Solver:
             self.p[sl] = (r - torch.cholesky_solve((r @ wd.T).T, chol).T @ wd) / self.g
 
     def z_and_s_steps(self) -> None:
-        wu = self.mlp.up.weight.data
         for sl in _chunks(self.x.shape[0]):
-            m = self.x[sl] @ wu.T + self.b1
-            p = self.p[sl]
+            m, p = self.up_out[sl], self.p[sl]
             if self.gated:
-                n = self.x[sl] @ self.mlp.gate.weight.data.T
+                n = self.gate_out[sl]
                 gs = self.act.f(self.s[sl])
                 self.z[sl] = (self.a_z * m + self.g * gs * p) / (self.a_z + self.g * gs * gs)
                 self.s[sl] = newton_s_step(
@@ -197,8 +198,9 @@ class _Solver:
         curve, errors, best = [], [], None
         for r in range(self.m.rounds):
             self.w_steps(first=r == 0)
-            errors.append(self.output_error())
-            curve.append(self.objective())
+            error, objective = self.evaluate()
+            errors.append(error)
+            curve.append(objective)
             if best is None or errors[-1] < errors[best]:
                 best = r
                 kept = {k: lin.weight.data.clone() for k, lin in self._linears().items()}

@@ -1,0 +1,50 @@
+"""PNG plots of a pruning report: per-layer reconstruction error, and SparseLLM's per-round curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_plots(report: dict, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = report["layers"]
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.semilogy([entry["index"] for entry in layers], [entry["recon_error"] for entry in layers], marker="o")
+    ax.set(
+        xlabel="decoder layer",
+        ylabel="||Y - Y_pruned||² / ||Y||²",
+        title=f"{report['method']} {report['sparsity']['target']}: layer output error on calibration data",
+    )
+    ax.grid(alpha=0.3)
+    written.append(folder / "recon_error.png")
+    fig.savefig(written[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    curves = [(entry["index"], entry["mlp"]) for entry in layers if entry.get("mlp")]
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        cmap = plt.get_cmap("viridis")
+        for k, (index, mlp) in enumerate(curves):
+            color = cmap(k / max(len(curves) - 1, 1))
+            rounds = range(1, len(mlp["objective"]) + 1)
+            axes[0].plot(rounds, mlp["objective"], color=color, label=f"layer {index}")
+            axes[1].plot(rounds, [e / mlp["output_error"][0] for e in mlp["output_error"]], color=color)
+        axes[0].set(xlabel="round", ylabel="normalised objective", yscale="log", title="SparseLLM objective per layer")
+        axes[1].set(
+            xlabel="round",
+            ylabel="MLP output error / round 1 (= SparseGPT)",
+            title="real MLP output error, relative to SparseGPT",
+        )
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        if len(curves) <= 12:
+            axes[0].legend(fontsize=7)
+        written.append(folder / "sparsellm_rounds.png")
+        fig.savefig(written[-1], dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return written
