@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..methods.base import Method, Target
 from ..models.adapters import Adapter, Site, submodule
 from .layers import call_layer, capture, run_layer
@@ -89,6 +90,8 @@ def finish_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, dense_out: tor
     for start in range(0, x.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         out = call_layer(layer, x[sl], kwargs)
+        if not torch.isfinite(out).all():
+            raise UserError("a pruned layer produced NaN/Inf outputs; nothing was saved (try a lower sparsity)")
         err += (out - dense_out[sl]).pow(2).sum().item()
         norm += dense_out[sl].pow(2).sum().item()
         dense_out[sl] = out

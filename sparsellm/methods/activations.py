@@ -15,6 +15,7 @@ class Activation(NamedTuple):
     f: Callable[[torch.Tensor], torch.Tensor]
     df: Callable[[torch.Tensor], torch.Tensor]
     d2f: Callable[[torch.Tensor], torch.Tensor]
+    argmin: float | None = None  # where a non-monotone activation is lowest: its two branches meet there
 
 
 def _silu_df(s):
@@ -48,8 +49,8 @@ def _gelu_tanh_d2f(s):
 
 
 ACTIVATIONS = {
-    "silu": Activation(torch.nn.functional.silu, _silu_df, _silu_d2f),
-    "gelu_tanh": Activation(_gelu_tanh, _gelu_tanh_df, _gelu_tanh_d2f),
+    "silu": Activation(torch.nn.functional.silu, _silu_df, _silu_d2f, argmin=-1.278465),
+    "gelu_tanh": Activation(_gelu_tanh, _gelu_tanh_df, _gelu_tanh_d2f, argmin=-0.751792),
     "relu": Activation(torch.relu, lambda s: (s > 0).to(s.dtype), torch.zeros_like),
 }
 
