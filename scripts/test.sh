@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 python -m pytest -q "$@"
-ruff check sparsellm tests
+ruff check sparsellm tests bench

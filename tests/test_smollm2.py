@@ -48,3 +48,20 @@ def test_evaluate_reports_data_provenance(smollm2):
     ppl, data = evaluate(model, tok, ["ptb"], "quick", seqlen=128, progress=False)
     assert data["ptb"]["source"] == "bundled" and data["ptb"]["windows"] == 64 and data["ptb"]["seqlen"] == 128
     assert 1 < ppl["ptb"] < 1000
+
+
+def test_sparsellm_at_90_percent_stays_finite_and_improves_on_its_first_round(smollm2, wiki_windows):
+    model, tok = smollm2
+    pruned = copy.deepcopy(model)
+    report = prune(
+        pruned,
+        tok,
+        PruneConfig(method="sparsellm", sparsity=0.9, nsamples=4, layers="0:3", method_options={"rounds": 2}),
+        progress=False,
+    )
+    assert report.sparsity["measured"] == pytest.approx(0.9, abs=1e-4)
+    for layer in report.layers:
+        errors = layer["mlp"]["output_error"]
+        assert all(math.isfinite(e) for e in errors) and min(errors) < errors[0]
+        assert layer["mlp"]["kept_round"] == 1 + errors.index(min(errors))
+    assert math.isfinite(perplexity(pruned, adapter_for(pruned), wiki_windows[:1]))
