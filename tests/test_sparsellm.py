@@ -140,3 +140,28 @@ def test_mlp_input_after_or_before_attention_pruning(dense_input):
         progress=False,
     )
     assert all(len(log.mlp["output_error"]) == 2 and 1 <= log.mlp["kept_round"] <= 2 for log in logs)
+
+
+@pytest.mark.parametrize("kind", ["gated", "relu"])
+def test_logged_objective_equals_its_direct_formula(kind):
+    from sparsellm.methods.sparsellm import _Solver
+
+    mlp, X = synthetic_mlp(kind)
+    solver = _Solver(make_method("sparsellm"), mlp, X, Target(sparsity=0.7))
+    for first in (True, False):
+        solver.w_steps(first=first)
+        _, objective = solver.evaluate()
+        wu, wd = mlp.up.weight.data, mlp.down.weight.data
+        direct = solver.a_z * (solver.z - X @ wu.T - solver.b1).pow(2).sum()
+        direct += (
+            solver.g
+            * (solver.p - mlp.act(solver.s) * solver.z if kind == "gated" else solver.p - mlp.act(solver.z))
+            .pow(2)
+            .sum()
+        )
+        direct += solver.b * (solver.y - solver.p @ wd.T - solver.b2).pow(2).sum()
+        if kind == "gated":
+            direct += solver.a_s * (solver.s - X @ mlp.gate.weight.data.T).pow(2).sum()
+        assert objective == pytest.approx(direct.item(), rel=1e-4)
+        solver.p_step()
+        solver.z_and_s_steps()

@@ -17,8 +17,8 @@ from torch import nn
 from ..models.adapters import Adapter
 
 
-class _Stop(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook once it has what it needs, so the rest of a forward pass is skipped."""
 
 
 class _Recorder(nn.Module):
@@ -36,7 +36,7 @@ class _Recorder(nn.Module):
         if len(self.record.kwargs) == self.index:
             self.record.kwargs.append(_static_kwargs(kwargs))
         if self.last:
-            raise _Stop
+            raise StopForward
         return hidden_states
 
 
@@ -67,7 +67,7 @@ def capture(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size
     try:
         starts = [0, *range(1, tokens.shape[0], batch_size)]
         for start, end in zip(starts, [*starts[1:], tokens.shape[0]], strict=False):
-            with contextlib.suppress(_Stop):
+            with contextlib.suppress(StopForward):
                 model(input_ids=tokens[start:end], use_cache=False)
     finally:
         for i, layer in enumerate(originals):

@@ -10,6 +10,7 @@ the same way and then the whole MLP at once, on MLP inputs recomputed after atte
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..methods.base import Method, Target
 from ..models.adapters import Adapter, Site, submodule
-from .layers import call_layer, capture, run_layer
+from .layers import StopForward, call_layer, capture, run_layer
 from .stats import recording
 
 
@@ -69,17 +70,25 @@ def prune_site_group(
 
 @torch.no_grad()
 def mlp_inputs(layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict, opts: EngineOptions) -> torch.Tensor:
-    """The MLP's input for every calibration token, [N, d], as the layer currently computes it."""
+    """The MLP's input for every calibration token, [N, d], as the layer currently computes it.
+
+    The forward stops as soon as the MLP's first linear is reached: the MLP itself need not run.
+    """
     chunks: list[torch.Tensor] = []
-    up = adapter.mlp(layer).up
-    handle = up.register_forward_hook(
-        lambda _m, args, _o: chunks.append(args[0].reshape(-1, args[0].shape[-1]).float())
-    )
+
+    def record(_module, args):
+        chunks.append(args[0].reshape(-1, args[0].shape[-1]).float())
+        raise StopForward
+
+    mlp = adapter.mlp(layer)
+    handles = [lin.register_forward_pre_hook(record) for lin in (mlp.up, mlp.gate) if lin is not None]
     try:
         for start in range(0, x.shape[0], opts.batch_size):
-            call_layer(layer, x[start : start + opts.batch_size], kwargs)
+            with contextlib.suppress(StopForward):
+                call_layer(layer, x[start : start + opts.batch_size], kwargs)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return torch.cat(chunks)
 
 

@@ -146,12 +146,14 @@ class _Solver:
         self.hx = gram(x)
         self.up_out = torch.empty_like(self.z)  # sparse up/gate outputs of the current round (see evaluate)
         self.gate_out = torch.empty_like(self.s) if self.gated else None
+        self.y_wd = torch.empty_like(self.z)  # (Y - b2) Wd for the current Wd (see evaluate)
         sq = lambda t: t.pow(2).sum().item() + 1e-30  # noqa: E731
         # Normalise each term by its dense target's squared norm: the weights become scale-free.
+        self.y_sq = sq(self.y - self.b2)
         self.a_z, self.g, self.b = (
             method.alpha / sq(self.z),
             method.gamma / sq(self.p),
-            method.beta / sq(self.y - self.b2),
+            method.beta / self.y_sq,
         )
         self.a_s = method.alpha / sq(self.s) if self.gated else 0.0
         self.events: list[str] = []
@@ -175,15 +177,18 @@ class _Solver:
         self._sparse_fit("up", self.z - self.b1, self.x, self.hx, first)
         if self.gated:
             self._sparse_fit("gate", self.s, self.x, self.hx, first)
-        self._sparse_fit("down", self.y - self.b2, self.p, gram(self.p), first)
+        self.hp = gram(self.p)  # evaluate() reuses it: P is unchanged until the next p-step
+        self._sparse_fit("down", self.y - self.b2, self.p, self.hp, first)
 
     def evaluate(self) -> tuple[float, float]:
         """(real MLP output error ||Y - mlp(X)||^2 / ||Y||^2, objective) in one pass over the tokens.
 
-        It also caches the sparse up/gate outputs M, N, which the z- and s-steps of this round reuse.
+        It also caches what the z-, s- and p-steps of this round reuse: the sparse up/gate outputs M, N and
+        (Y - b2) Wd. The output term ||Y - b2 - P Wd^T||^2 is expanded as ||Y - b2||^2 - 2 <(Y - b2) Wd, P>
+        + N <Wd^T Wd, P^T P / N>, so it costs no N x d x f product of its own.
         """
         wu, wd = self.mlp.up.weight.data, self.mlp.down.weight.data
-        err = obj = 0.0
+        err = obj = cross = 0.0
         for sl in _chunks(self.x.shape[0]):
             x, z, p, y = self.x[sl], self.z[sl], self.p[sl], self.y[sl]
             self.up_out[sl] = m = x @ wu.T + self.b1
@@ -193,17 +198,17 @@ class _Solver:
                 obj += self.a_s * (self.s[sl] - n).pow(2).sum().item()
             err += (y - self._hidden(m, n if self.gated else None) @ wd.T - self.b2).pow(2).sum().item()
             obj += self.g * (p - self._hidden(z, self.s[sl] if self.gated else None)).pow(2).sum().item()
-            obj += self.b * (y - p @ wd.T - self.b2).pow(2).sum().item()
-        return err / self.y.pow(2).sum().item(), obj
+            self.y_wd[sl] = ywd = (y - self.b2) @ wd
+            cross += (ywd * p).sum().item()
+        output_term = self.y_sq - 2 * cross + self.x.shape[0] * (wd.T @ wd * self.hp).sum().item()
+        return err / self.y.pow(2).sum().item(), obj + self.b * output_term
 
     def p_step(self) -> None:
         """P = (b Wd^T Wd + g I)^-1 (b Wd^T (Y - b2) + g h(Z, S)), by Woodbury on Wd Wd^T (d x d)."""
         wd = self.mlp.down.weight.data.float()
         chol = torch.linalg.cholesky(wd @ wd.T + (self.g / self.b) * torch.eye(wd.shape[0]))
         for sl in _chunks(self.x.shape[0]):
-            r = self.b * (self.y[sl] - self.b2) @ wd + self.g * self._hidden(
-                self.z[sl], self.s[sl] if self.gated else None
-            )
+            r = self.b * self.y_wd[sl] + self.g * self._hidden(self.z[sl], self.s[sl] if self.gated else None)
             self.p[sl] = (r - torch.cholesky_solve((r @ wd.T).T, chol).T @ wd) / self.g
 
     def z_and_s_steps(self) -> None:
