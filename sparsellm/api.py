@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import resource
 import sys
@@ -221,8 +222,6 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, progress: bool = Tru
 
 
 def _tensor_sha(t: torch.Tensor) -> str:
-    import hashlib
-
     return hashlib.sha256(t.to(torch.int64).numpy().tobytes()).hexdigest()
 
 

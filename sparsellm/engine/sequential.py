@@ -54,8 +54,8 @@ def prune_site_group(
 ) -> list[str]:
     """Statistics of `sites` from one pass over the layer, then prune each of their linears."""
     first = {site.name: submodule(layer, site.linears[0]) for site in sites}
-    kind = method.statistic or "sqnorm"  # a data-free method still runs the pass for the dense outputs
-    with recording(first, kind) as stats:
+    # A data-free method (magnitude) hooks nothing but still runs the pass, for the dense outputs.
+    with recording(first if method.statistic else {}, method.statistic or "") as stats:
         run_layer(layer, x, kwargs, opts.batch_size, out=dense_out)
     events = []
     for site in sites:
