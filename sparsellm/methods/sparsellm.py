@@ -66,13 +66,18 @@ def newton(s, n, p, z, a_s, g, act: Activation, steps: int):
     Each iteration tries, per element, until one lowers the objective: the Newton step (where the
     curvature is positive), then the Gauss-Newton step (curvature 2 a_s + 2 g (z act'(s))^2 > 0), then
     its half and quarter; every step is clipped to a trust region of 2, the activations' scale. An
-    element that no trial improves stays. Returns (s, objective at s).
+    element that no trial improves stays. The fallbacks run only on the elements still pending (few).
+    Returns (s, objective at s), flattened back to s's shape.
     """
+    shape = s.shape
+    s, n, p, z = (t.reshape(-1) for t in (s, n, p, z))
 
-    def f(x):
-        return a_s * (x - n) ** 2 + g * (p - act.f(x) * z) ** 2
+    def f(x, i):
+        return a_s * (x - n[i]) ** 2 + g * (p[i] - act.f(x) * z[i]) ** 2
 
-    best = f(s)
+    everything = slice(None)
+    best = f(s, everything)
+    s = s.clone()
     for _ in range(steps):
         r = p - act.f(s) * z
         d1 = act.df(s)
@@ -81,15 +86,15 @@ def newton(s, n, p, z, a_s, g, act: Activation, steps: int):
         curv = gauss_newton - 2 * g * z * act.d2f(s) * r
         gn_step = (grad / gauss_newton).clamp(-2.0, 2.0)
         newton_step = torch.where(curv > 0, grad / curv.abs().clamp_min(1e-30), gn_step).clamp(-2.0, 2.0)
-        pending = torch.ones_like(s, dtype=torch.bool)
-        for step in (newton_step, gn_step, gn_step / 2, gn_step / 4):
-            trial = s - step
-            value = f(trial)
-            better = pending & (value < best)
-            s = torch.where(better, trial, s)
-            best = torch.where(better, value, best)
-            pending &= ~better
-    return s, best
+        pending = everything
+        for trial_step, scale in ((newton_step, 1.0), (gn_step, 1.0), (gn_step, 0.5), (gn_step, 0.25)):
+            trial = s[pending] - scale * trial_step[pending]
+            value = f(trial, pending)
+            better = value < best[pending]
+            improved = better.nonzero().squeeze(1) if pending is everything else pending[better]
+            s[improved], best[improved] = trial[better], value[better]
+            pending = (~better).nonzero().squeeze(1) if pending is everything else pending[~better]
+    return s.reshape(shape), best.reshape(shape)
 
 
 def s_step(s, n, p, z, a_s, g, act: Activation, steps: int, multistart: bool = True):
