@@ -8,11 +8,13 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .data import texts
+from .engine.checkpoint import Checkpoint
 from .engine.sequential import EngineOptions, prune_model
 from .errors import UserError
 from .eval.perplexity import perplexity
@@ -170,18 +172,27 @@ def count_zeros(model: nn.Module, adapter: Adapter, layer_ids: list[int]) -> dic
     }
 
 
-def prune(model: nn.Module, tokenizer, config: PruneConfig, progress: bool = True) -> Report:
-    """Prune `model` in place as `config` says; return what was done and measured."""
+def prune(
+    model: nn.Module, tokenizer, config: PruneConfig, progress: bool = True, checkpoint_dir: Path | None = None
+) -> Report:
+    """Prune `model` in place as `config` says; return what was done and measured.
+
+    With `checkpoint_dir`, the run's state is saved there after every decoder layer, and a run that finds a
+    checkpoint of the same arguments there continues from it (the caller removes it once the result is safe).
+    """
     t_start = time.perf_counter()
     adapter = adapter_for(model)
     target = config.target()
     method = make_method(config.method, **config.method_options)
     proto = protocol(config.protocol)
     seqlen = seqlen_for(model, proto, config.seqlen)
-    nsamples = config.nsamples or proto.nsamples
+    nsamples = proto.nsamples if config.nsamples is None else config.nsamples
     if nsamples < 1:
         raise UserError(f"--nsamples must be at least 1; got {nsamples}")
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1; got {config.batch_size}")
     layer_ids = parse_layers(config.layers, len(adapter.decoder_layers(model)))
+    _check_nm_width(model, adapter, layer_ids, target)
     corpus = texts.corpus(config.calib, "train", online=texts.default_online())
     calib = texts.calibration(tokenizer, corpus, nsamples, seqlen, config.seed)
     t_data = time.perf_counter()
@@ -191,7 +202,12 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, progress: bool = Tru
         true_sequential=config.true_sequential,
         dense_attention_mlp_input=config.dense_attention_mlp_input,
     )
-    logs = prune_model(model, adapter, method, target, calib, set(layer_ids), opts, progress=progress)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        run = {**asdict(config), "seqlen": seqlen, "nsamples": nsamples, "layers": layer_ids}
+        checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model, run, calib))
+    resumed = checkpoint is not None and checkpoint.exists()
+    logs = prune_model(model, adapter, method, target, calib, set(layer_ids), opts, progress, checkpoint)
     t_prune = time.perf_counter()
     return Report(
         method=config.method,
@@ -203,6 +219,7 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, progress: bool = Tru
             "layers_pruned": layer_ids,
             "layers_total": len(adapter.decoder_layers(model)),
             "family": adapter.family,
+            "resumed": resumed,
         },
         sparsity=sparsity_summary(model, adapter, layer_ids, dense_zeros, target),
         layers=[asdict(log) for log in logs],
@@ -212,7 +229,7 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, progress: bool = Tru
                 "name": corpus.name,
                 "source": corpus.source,
                 "sha256": corpus.sha256,
-                "tokens_sha256": _tensor_sha(calib),
+                "tokens_sha256": _tensor_sha(calib.to(torch.int64)),
             }
         },
         events=[e for log in logs for e in log.events],
@@ -221,8 +238,42 @@ def prune(model: nn.Module, tokenizer, config: PruneConfig, progress: bool = Tru
     )
 
 
+def _check_nm_width(model: nn.Module, adapter: Adapter, layer_ids: list[int], target: Target) -> None:
+    """N:M groups run along a matrix's inputs, so M must divide every pruned matrix's input width."""
+    if not target.is_nm:
+        return
+    decoder = adapter.decoder_layers(model)
+    for i in layer_ids:
+        for path, linear in adapter.linears(decoder[i]).items():
+            if linear.in_features % target.m:
+                raise UserError(
+                    f"--nm {target}: M={target.m} does not divide the {linear.in_features} inputs of "
+                    f"layers.{i}.{path}; choose an M that divides it"
+                )
+
+
 def _tensor_sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.to(torch.int64).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _fingerprint(model: nn.Module, run: dict, calib: torch.Tensor) -> dict:
+    """What must be equal for a checkpoint to be resumed: the arguments, the data and the model's weights."""
+    from . import __version__
+
+    embedding = model.get_input_embeddings().weight
+    return {
+        **run,
+        "calibration_tokens": _tensor_sha(calib.to(torch.int64)),
+        "model": f"{type(model).__name__} {sum(p.numel() for p in model.parameters())} params",
+        "embedding_sha256": _tensor_sha(embedding.float()),
+        "sparsellm": __version__,
+    }
+
+
+def check_datasets(datasets: list[str]) -> None:
+    for name in datasets:
+        if name not in texts.DATASETS:
+            raise UserError(f"unknown evaluation dataset '{name}'; choose from: {', '.join(texts.DATASETS)}")
 
 
 def evaluate(
@@ -237,10 +288,9 @@ def evaluate(
     adapter = adapter_for(model)
     proto = protocol(protocol_name)
     seqlen = seqlen_for(model, proto, seqlen)
+    check_datasets(datasets)
     results, data = {}, {}
     for name in datasets:
-        if name not in texts.DATASETS:
-            raise UserError(f"unknown evaluation dataset '{name}'; choose from: {', '.join(texts.DATASETS)}")
         corpus = texts.corpus(name, "test", online=texts.default_online())
         windows = texts.eval_windows(tokenizer, corpus, seqlen, proto.max_windows)
         results[name] = perplexity(model, adapter, windows, progress=progress)

@@ -17,6 +17,13 @@ from .errors import UserError
 EXIT_USAGE = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the contract for every bad input), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"sparsellm: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--protocol",
@@ -28,7 +35,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsellm", description=__doc__)
+    parser = _Parser(prog="sparsellm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eval", default="", help="datasets to evaluate after pruning, e.g. wikitext2,ptb,c4")
     p.add_argument("--out", required=True, help="output folder (Hugging Face format + report.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (and any checkpoint)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed run from OUT.checkpoint (saved after every layer); same arguments required",
+    )
 
     e = sub.add_parser("eval", help="perplexity of a model or pruned folder")
     e.add_argument("model")
@@ -94,12 +106,14 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 def _save_atomically(model, tokenizer, report: dict, out: Path) -> None:
     """Write into a temporary sibling folder, then rename it into place: never a half-written folder."""
+    from .inspection import sha256_file
     from .plots import write_plots
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        report["files_sha256"] = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         write_plots(report, tmp / "plots")
         if out.exists():
@@ -134,12 +148,37 @@ def _method_options(args) -> dict:
     return options
 
 
+def _manifest(args, report) -> dict:
+    """Everything needed to reproduce the run, or to explain why another run differs."""
+    data = {"calibration": report.data["calibration"]["sha256"]}
+    data.update({name: d["sha256"] for name, d in report.data.get("evaluation", {}).items()})
+    return {
+        "command": " ".join(["sparsellm", *sys.argv[1:]]),
+        "cwd": os.getcwd(),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": args.model,
+        "protocol": report.protocol,
+        "seed": args.seed,
+        "calibration_tokens_sha256": report.data["calibration"]["tokens_sha256"],
+        "data_sha256": data,
+        "versions": report.versions,
+        "resumed": report.config["resumed"],
+    }
+
+
 def cmd_prune(args) -> int:
     from . import api
     from .models import loading
 
     out = Path(args.out)
     _check_output(out, args.overwrite)
+    checkpoint_dir = out.with_name(out.name + ".checkpoint")
+    if checkpoint_dir.exists() and not args.resume:
+        if not args.overwrite:
+            raise UserError(
+                f"an interrupted run left {checkpoint_dir}; pass --resume to continue it or --overwrite to start over"
+            )
+        shutil.rmtree(checkpoint_dir)
     config = api.PruneConfig(
         method=args.method,
         sparsity=args.sparsity,
@@ -155,10 +194,11 @@ def cmd_prune(args) -> int:
     )
     config.target()  # validate before the slow load
     api.protocol(args.protocol)
+    api.check_datasets(_datasets(args.eval))
     t0 = time.perf_counter()
     model, tokenizer = loading.load(args.model)
     load_s = time.perf_counter() - t0
-    report = api.prune(model, tokenizer, config)
+    report = api.prune(model, tokenizer, config, checkpoint_dir=checkpoint_dir)
     report.timing["load_s"] = load_s
     if args.eval:
         t1 = time.perf_counter()
@@ -168,8 +208,9 @@ def cmd_prune(args) -> int:
     report.peak_rss_mb = api.peak_rss_mb()
     result = report.to_dict()
     result["model"] = args.model
-    result["command"] = " ".join(["sparsellm", *sys.argv[1:]])
+    result["manifest"] = _manifest(args, report)
     _save_atomically(model, tokenizer, result, out)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the result is in place: the checkpoint has served
     row = {
         "method": report.method,
         "target": report.sparsity["target"],
@@ -189,6 +230,7 @@ def cmd_eval(args) -> int:
 
     datasets = _datasets(args.datasets)
     api.protocol(args.protocol)
+    api.check_datasets(datasets)
     model, tokenizer = loading.load(args.model)
     ppl, data = api.evaluate(model, tokenizer, datasets, args.protocol, args.seqlen)
     if args.json:

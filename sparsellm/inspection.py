@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -10,6 +11,29 @@ import torch
 from safetensors import safe_open
 
 from .errors import UserError
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_files(folder: Path, report: dict) -> list[str]:
+    """Every tensor file the report lists must be there with the same sha256 (and no unlisted one)."""
+    listed = report.get("files_sha256")
+    if listed is None:
+        return ["report.json lists no file checksums (written by an older sparsellm?)"]
+    problems = [f"{name}: missing" for name in listed if not (folder / name).is_file()]
+    problems += [
+        f"{name}: sha256 differs from the report"
+        for name, sha in listed.items()
+        if (folder / name).is_file() and sha256_file(folder / name) != sha
+    ]
+    problems += [f"{f.name}: not listed in the report" for f in folder.glob("*.safetensors") if f.name not in listed]
+    return problems
 
 
 def _tensors(folder: Path) -> dict[str, tuple[Path, str]]:
@@ -43,7 +67,7 @@ def inspect_folder(folder: Path) -> tuple[bool, str]:
     target = report["sparsity"]["target"]
     nm = tuple(int(v) for v in target.split(":")) if ":" in target else None
     per_layer: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    problems = []
+    problems = _check_files(folder, report)
     for name, rec in report["sparsity"]["per_matrix"].items():
         key = next((k for k in tensors if k.endswith(f"{name}.weight")), None)
         if key is None:
@@ -69,9 +93,8 @@ def inspect_folder(folder: Path) -> tuple[bool, str]:
         lines.append(f"{layer:5d}  {z / n:.4f}")
     if report.get("perplexity"):
         lines.append("perplexity: " + ", ".join(f"{k} {v:.3f}" for k, v in report["perplexity"].items()))
-    lines.append("versions: " + json.dumps(report.get("versions", {})))
-    lines.append(f"command: {report.get('command', '')}")
+    lines.append("manifest: " + json.dumps(report.get("manifest", {}), indent=1))
     lines += [f"MISMATCH {p}" for p in problems] or [
-        "OK: tensors match the report" + (f" and are valid {target}" if nm else "")
+        "OK: file checksums and tensors match the report" + (f" and are valid {target}" if nm else "")
     ]
     return not problems, "\n".join(lines)

@@ -15,7 +15,10 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
     layers = report["layers"]
     written = []
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.semilogy([entry["index"] for entry in layers], [entry["recon_error"] for entry in layers], marker="o")
+    errors = [entry["recon_error"] for entry in layers]
+    ax.plot([entry["index"] for entry in layers], errors, marker="o")
+    if any(e > 0 for e in errors):  # sparsity 0 gives all-zero errors, which a log axis cannot show
+        ax.set_yscale("log")
     ax.set(
         xlabel="decoder layer",
         ylabel="||Y - Y_pruned||² / ||Y||²",
@@ -33,8 +36,11 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
             color = cmap(k / max(len(curves) - 1, 1))
             rounds = range(1, len(mlp["objective"]) + 1)
             axes[0].plot(rounds, mlp["objective"], color=color, label=f"layer {index}")
-            axes[1].plot(rounds, [e / mlp["output_error"][0] for e in mlp["output_error"]], color=color)
-        axes[0].set(xlabel="round", ylabel="normalised objective", yscale="log", title="SparseLLM objective per layer")
+            first = max(mlp["output_error"][0], 1e-30)
+            axes[1].plot(rounds, [e / first for e in mlp["output_error"]], color=color)
+        axes[0].set(xlabel="round", ylabel="normalised objective", title="SparseLLM objective per layer")
+        if any(v > 0 for _, mlp in curves for v in mlp["objective"]):
+            axes[0].set_yscale("log")
         axes[1].set(
             xlabel="round",
             ylabel="MLP output error / round 1 (= SparseGPT)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, OPTConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig, OPTConfig
 
 torch.set_num_threads(2)
 
@@ -52,3 +52,25 @@ def smollm2():
     from sparsellm.models import loading
 
     return loading.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A random tiny Llama with the real SmolLM2 tokenizer, saved as a Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    from sparsellm.models import loading
+
+    tok = AutoTokenizer.from_pretrained(loading.resolve("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -6,33 +6,13 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from sparsellm.models import loading
 
 
 def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "sparsellm", *args], capture_output=True, text=True, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A random tiny Llama with the real SmolLM2 tokenizer, saved as a Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(loading.resolve("smollm2-135m"))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def test_prune_writes_a_loadable_folder_and_inspect_verifies_it(tiny_folder, tmp_path):
@@ -62,7 +42,7 @@ def test_prune_writes_a_loadable_folder_and_inspect_verifies_it(tiny_folder, tmp
     q = model.model.layers[0].self_attn.q_proj.weight
     assert torch.all((q.reshape(q.shape[0], -1, 4) == 0).sum(-1) >= 2)
     ok = run("inspect", str(out))
-    assert ok.returncode == 0 and "OK: tensors match the report and are valid 2:4" in ok.stdout
+    assert ok.returncode == 0 and "OK: file checksums and tensors match the report and are valid 2:4" in ok.stdout
     # a tampered tensor is caught
     from safetensors.torch import load_file, save_file
 
@@ -71,13 +51,15 @@ def test_prune_writes_a_loadable_folder_and_inspect_verifies_it(tiny_folder, tmp
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     bad = run("inspect", str(out))
     assert bad.returncode == 1 and "MISMATCH layers.0.mlp.down_proj" in bad.stdout
+    assert "MISMATCH model.safetensors: sha256 differs" in bad.stdout
 
 
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gpt2")
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(loading.resolve("smollm2-135m")).save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(loading.resolve("smollm2-135m"))
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok))).save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder
 
 

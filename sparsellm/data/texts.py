@@ -113,12 +113,17 @@ def _file_corpus(path_str: str) -> Corpus:
     path = Path(path_str)
     if not path.is_file():
         raise UserError(f"data file not found: {path} (expected wikitext2, ptb, c4, or a .txt/.jsonl file)")
-    text = _read(path)
+    try:
+        text = _read(path)
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.__class__.__name__}); give a .txt or .jsonl file") from e
     if not text.strip():
         raise UserError(f"data file is empty: {path}")
     if ".jsonl" in path.suffixes or ".json" in path.suffixes:
         try:
             docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+            if not all(isinstance(d, str) for d in docs):
+                raise TypeError("a 'text' field is not a string")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{path}: every line must be a JSON object with a 'text' field ({e})") from e
         return Corpus(path.name, docs, False, str(path), _sha(docs))

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..methods.base import Method, Target
 from ..models.adapters import Adapter, Site, submodule
+from .checkpoint import Checkpoint
 from .layers import StopForward, call_layer, capture, run_layer
 from .stats import recording
 
@@ -60,6 +61,8 @@ def prune_site_group(
     events = []
     for site in sites:
         stat = stats[site.name].mean() if method.statistic else None
+        if stat is not None and not torch.isfinite(stat).all():
+            raise UserError(f"the inputs of {site.name} hold NaN/Inf (the model or data is broken); nothing was saved")
         for path in site.linears:
             linear = submodule(layer, path)
             pruned = method.prune(linear.weight.data, stat, target)
@@ -89,7 +92,10 @@ def mlp_inputs(layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict
     finally:
         for h in handles:
             h.remove()
-    return torch.cat(chunks)
+    x_mlp = torch.cat(chunks)
+    if not torch.isfinite(x_mlp).all():
+        raise UserError("the MLP inputs hold NaN/Inf (the model or its data is broken); nothing was saved")
+    return x_mlp
 
 
 @torch.no_grad()
@@ -99,6 +105,8 @@ def finish_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, dense_out: tor
     for start in range(0, x.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         out = call_layer(layer, x[sl], kwargs)
+        if not torch.isfinite(dense_out[sl]).all():
+            raise UserError("the dense model gives NaN/Inf inside a layer on this calibration data; nothing was saved")
         if not torch.isfinite(out).all():
             raise UserError("a pruned layer produced NaN/Inf outputs; nothing was saved (try a lower sparsity)")
         err += (out - dense_out[sl]).pow(2).sum().item()
@@ -145,18 +153,27 @@ def prune_model(
     layers: set[int],
     opts: EngineOptions,
     progress: bool = True,
+    checkpoint: Checkpoint | None = None,
 ) -> list[LayerLog]:
-    """Prune the decoder layers in `layers` sequentially on calibration tokens [n, seqlen]."""
+    """Prune the decoder layers in `layers` sequentially on calibration tokens [n, seqlen].
+
+    With a `checkpoint`, the state is saved after every layer, and a run that finds one resumes from it.
+    """
     inputs = capture(model, adapter, calib, opts.batch_size)
-    x = inputs.hidden
-    out = torch.empty_like(x)
-    logs = []
     decoder = adapter.decoder_layers(model)
-    for i in tqdm(range(len(decoder)), desc=f"{method.name} {target}", unit="layer", disable=not progress):
+    x, start, logs = inputs.hidden, 0, []
+    if checkpoint is not None and checkpoint.exists():
+        start, x, saved = checkpoint.load(decoder, adapter)
+        logs = [LayerLog(**log) for log in saved]
+    out = torch.empty_like(x)
+    bar = tqdm(range(start, len(decoder)), desc=f"{method.name} {target}", unit="layer", disable=not progress)
+    for i in bar:
         if i in layers:
             logs.append(prune_layer(decoder[i], adapter, method, target, x, inputs.kwargs[i], out, opts))
             logs[-1].index = i
         else:
             run_layer(decoder[i], x, inputs.kwargs[i], opts.batch_size, out=out)
         x, out = out, x
+        if checkpoint is not None:
+            checkpoint.save(i, decoder[i], adapter, i in layers, x, logs)
     return logs

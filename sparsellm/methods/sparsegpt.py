@@ -22,8 +22,8 @@ log = logging.getLogger("sparsellm")
 MAX_DAMPING_STEPS = 6
 
 
-def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, list[str]]:
-    """Upper Cholesky factor of (H + damp I)^-1, raising damping by 10x per failure, then trying fp64.
+def with_damping(hessian: torch.Tensor, percdamp: float, factor) -> tuple[torch.Tensor, list[str]]:
+    """factor(H + damp I) with damp = percdamp * mean(diag H), raised 10x whenever factor returns None, then in fp64.
 
     Never falls back silently: every retry is returned as an event (logged, and counted in the report).
     """
@@ -34,16 +34,28 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tens
         h = hessian.to(dtype)
         for step in range(MAX_DAMPING_STEPS):
             damp = base * 10**step
-            chol, info = torch.linalg.cholesky_ex(h + damp * eye.to(dtype))
-            if info.item() == 0:
-                inv_chol, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-                if info.item() == 0 and torch.isfinite(inv_chol).all():
-                    return inv_chol.to(hessian.dtype), events
+            result = factor(h + damp * eye.to(dtype))
+            if result is not None:
+                return result.to(hessian.dtype), events
             events.append(f"cholesky failed at damping {damp:.3g} ({dtype}); raising damping")
             log.warning(events[-1])
-    raise UserError(
-        "SparseGPT: the Hessian stays singular after raising damping 1e5x and using fp64; check the calibration data"
-    )
+    raise UserError("a Hessian stays singular after raising damping 1e5x and using fp64; check the calibration data")
+
+
+def cholesky(h: torch.Tensor, upper: bool = False) -> torch.Tensor | None:
+    """The Cholesky factor of h, or None if h is not (numerically) positive definite."""
+    chol, info = torch.linalg.cholesky_ex(h, upper=upper)
+    return chol if info.item() == 0 and torch.isfinite(chol).all() else None
+
+
+def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, list[str]]:
+    """Upper Cholesky factor of (H + damp I)^-1, the factor SparseGPT's column updates use."""
+
+    def factor(h):
+        chol = cholesky(h)
+        return cholesky(torch.cholesky_inverse(chol), upper=True) if chol is not None else None
+
+    return with_damping(hessian, percdamp, factor)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from ..engine.stats import InputStats
 from ..models.adapters import MLP
 from .activations import Activation, activation
 from .base import Target
-from .sparsegpt import SparseGPT
+from .sparsegpt import SparseGPT, cholesky, with_damping
 
 log = logging.getLogger("sparsellm")
 
@@ -52,12 +52,13 @@ def gram(a: torch.Tensor) -> torch.Tensor:
     return stats.mean()
 
 
-def least_squares(target: torch.Tensor, inputs: torch.Tensor, hessian: torch.Tensor, ridge: float) -> torch.Tensor:
+def least_squares(
+    target: torch.Tensor, inputs: torch.Tensor, hessian: torch.Tensor, ridge: float
+) -> tuple[torch.Tensor, list[str]]:
     """W* = argmin ||T - A W^T||^2 + ridge: (T^T A / N) (A^T A / N + lambda I)^-1, by Cholesky."""
     cross = target.T @ inputs / inputs.shape[0]
-    damp = ridge * torch.diag(hessian).mean().clamp_min(1e-12)
-    chol = torch.linalg.cholesky(hessian + damp * torch.eye(hessian.shape[0]))
-    return torch.cholesky_solve(cross.T, chol).T
+    chol, events = with_damping(hessian, ridge, cholesky)
+    return torch.cholesky_solve(cross.T, chol).T, events
 
 
 def newton(s, n, p, z, a_s, g, act: Activation, steps: int):
@@ -173,9 +174,9 @@ class _Solver:
         return self.act.f(s) * z if self.gated else self.act.f(z)
 
     def _sparse_fit(self, name: str, tgt: torch.Tensor, inputs: torch.Tensor, hessian: torch.Tensor, first: bool):
-        w_star = self.dense[name] if first else least_squares(tgt, inputs, hessian, self.m.ridge)
+        w_star, events = (self.dense[name], []) if first else least_squares(tgt, inputs, hessian, self.m.ridge)
         pruned = self.m.prune(w_star, hessian, self.target)
-        self.events += [f"mlp.{name}: {e}" for e in pruned.events]
+        self.events += [f"mlp.{name}: {e}" for e in (*events, *pruned.events)]
         self._linears()[name].weight.data.copy_(pruned.weight)
 
     def w_steps(self, first: bool) -> None:
@@ -211,7 +212,10 @@ class _Solver:
     def p_step(self) -> None:
         """P = (b Wd^T Wd + g I)^-1 (b Wd^T (Y - b2) + g h(Z, S)), by Woodbury on Wd Wd^T (d x d)."""
         wd = self.mlp.down.weight.data.float()
-        chol = torch.linalg.cholesky(wd @ wd.T + (self.g / self.b) * torch.eye(wd.shape[0]))
+        gram_wd = wd @ wd.T
+        relative = (self.g / self.b) / max(torch.diag(gram_wd).mean().item(), 1e-12)  # damping = g / b
+        chol, events = with_damping(gram_wd, relative, cholesky)
+        self.events += [f"mlp p-step: {e}" for e in events]
         for sl in _chunks(self.x.shape[0]):
             r = self.b * self.y_wd[sl] + self.g * self._hidden(self.z[sl], self.s[sl] if self.gated else None)
             self.p[sl] = (r - torch.cholesky_solve((r @ wd.T).T, chol).T @ wd) / self.g

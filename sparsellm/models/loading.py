@@ -137,6 +137,12 @@ def load(name_or_path: str):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except OSError as e:
         raise UserError(f"cannot load model '{name_or_path}': {str(e).splitlines()[0]}") from e
+    embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embeddings:
+        raise UserError(
+            f"the tokenizer of '{name_or_path}' has {len(tokenizer)} tokens but the model embeds only {embeddings}: "
+            "they do not belong together; put the model's own tokenizer files beside its weights"
+        )
     model.eval()
     model.config.use_cache = False
     return model, tokenizer

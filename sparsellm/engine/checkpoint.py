@@ -1,0 +1,70 @@
+"""Resume a killed run: after every decoder layer, its pruned weights and the next layer's inputs are saved.
+
+The sequential engine's whole state after layer i is (pruned weights of layers <= i, inputs of layer i+1,
+the logs so far): everything else is recomputed from the model and the calibration tokens, which are
+deterministic. Each layer's linears go to their own safetensors file, then `state.pt` is replaced
+atomically (write a temporary file, then rename), so a kill at any instant leaves the last complete state.
+A fingerprint of the run's arguments guards against resuming with different ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import UserError
+from ..models.adapters import Adapter
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class Checkpoint:
+    """One run's checkpoint folder; `fingerprint` (JSON-able) must match for a resume."""
+
+    def __init__(self, folder: Path, fingerprint: dict):
+        self.folder, self.fingerprint = Path(folder), json.loads(json.dumps(fingerprint))
+        self.state_path = self.folder / "state.pt"
+
+    def exists(self) -> bool:
+        return self.state_path.is_file()
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def save(self, index: int, layer: nn.Module, adapter: Adapter, pruned: bool, x_next: torch.Tensor, logs) -> None:
+        """Record that decoder layer `index` is done and `x_next` are the inputs of the layer after it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if pruned:
+            weights = {path: lin.weight.data.contiguous() for path, lin in adapter.linears(layer).items()}
+            _atomic(self.folder / f"layer_{index:04d}.safetensors", lambda p: save_file(weights, p))
+        state = {"fingerprint": self.fingerprint, "done": index, "x": x_next, "logs": [asdict(g) for g in logs]}
+        _atomic(self.state_path, lambda p: torch.save(state, p))
+
+    def load(self, decoder: nn.ModuleList, adapter: Adapter) -> tuple[int, torch.Tensor, list[dict]]:
+        """Restore the pruned layers into `decoder`; return (first layer still to do, its inputs, logs)."""
+        try:
+            state = torch.load(self.state_path, weights_only=True)
+        except Exception as e:  # a foreign or damaged file: say so instead of a traceback
+            raise UserError(f"cannot read the checkpoint {self.state_path} ({e}); delete {self.folder}") from e
+        if state["fingerprint"] != self.fingerprint:
+            differs = sorted(k for k in self.fingerprint if state["fingerprint"].get(k) != self.fingerprint[k])
+            raise UserError(
+                f"the checkpoint in {self.folder} is from a run with other arguments (differs in: "
+                f"{', '.join(differs)}); repeat that run's arguments or delete the folder"
+            )
+        for log in state["logs"]:
+            saved = load_file(self.folder / f"layer_{log['index']:04d}.safetensors")
+            for path, lin in adapter.linears(decoder[log["index"]]).items():
+                lin.weight.data.copy_(saved[path])
+        return state["done"] + 1, state["x"], state["logs"]
