@@ -113,7 +113,8 @@ class Report:
     timing: dict
     data: dict
     perplexity: dict = field(default_factory=dict)
-    events: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)  # every numerical safeguard that fired, by matrix
+    hardening: dict = field(default_factory=dict)  # their counts: damping raised, fp64 used
     peak_rss_mb: float = 0.0
     versions: dict = field(default_factory=dict)
 
@@ -209,6 +210,7 @@ def prune(
     resumed = checkpoint is not None and checkpoint.exists()
     logs = prune_model(model, adapter, method, target, calib, set(layer_ids), opts, progress, checkpoint)
     t_prune = time.perf_counter()
+    events = [e for log in logs for e in log.events]
     return Report(
         method=config.method,
         protocol=proto.name,
@@ -232,7 +234,12 @@ def prune(
                 "tokens_sha256": _tensor_sha(calib.to(torch.int64)),
             }
         },
-        events=[e for log in logs for e in log.events],
+        events=events,
+        hardening={
+            "events": len(events),
+            "cholesky_damping_raised": sum("raising damping" in e for e in events),
+            "cholesky_in_fp64": sum("float64" in e for e in events),
+        },
         peak_rss_mb=peak_rss_mb(),
         versions=versions(),
     )

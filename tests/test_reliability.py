@@ -115,6 +115,21 @@ def test_sparsegpt_layer_is_finite_and_exact_on_a_rank_deficient_hessian():
     assert all(log.recon_error < 1 for log in logs)
 
 
+def test_a_failed_cholesky_is_retried_and_counted_in_the_report(tiny_folder, monkeypatch):
+    """Fault injection: the first three factorisations fail; each retry is an event the report counts."""
+    from sparsellm.methods import sparsegpt
+
+    real, failures = sparsegpt.cholesky, iter(range(3))
+
+    def flaky(h, upper=False):
+        return None if next(failures, None) is not None else real(h, upper)
+
+    monkeypatch.setattr(sparsegpt, "cholesky", flaky)
+    report = _prune_tiny(_tiny_llama_with_smollm2_vocab(), tiny_folder)
+    assert report.hardening == {"events": 3, "cholesky_damping_raised": 3, "cholesky_in_fp64": 0}
+    assert all("raising damping" in e for e in report.events) and len(report.events) == 3
+
+
 ARGS = st.fixed_dictionaries(
     {},
     optional={
