@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
 from sparsellm.models import loading
 
@@ -71,12 +71,22 @@ BAD = {
     "seqlen over context": (["--sparsity", "0.5", "--seqlen", "4096"], "outside the model's context"),
     "missing calibration file": (["--sparsity", "0.5", "--calib", "/nonexistent/calib.txt"], "data file not found"),
     "bad layers": (["--sparsity", "0.5", "--layers", "5:9"], "selects no valid layer"),
+    "M not dividing the width": (["--nm", "2:5"], "M=5 does not divide the 64 inputs"),
+    "unknown eval dataset": (["--sparsity", "0.5", "--eval", "imagenet"], "unknown evaluation dataset"),
+    "batch size 0": (["--sparsity", "0.5", "--batch-size", "0"], "--batch-size must be at least 1"),
+    "too few calibration tokens": (["--sparsity", "0.5", "--calib", "{tmp}/short.txt"], "need more than seqlen"),
+    "empty calibration file": (["--sparsity", "0.5", "--calib", "{tmp}/empty.txt"], "data file is empty"),
+    "binary calibration file": (["--sparsity", "0.5", "--calib", "{tmp}/binary.txt"], "is not UTF-8 text"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_one_line_exit_2(case, tiny_folder, tmp_path):
+    (tmp_path / "short.txt").write_text("a few words only")
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
     args, message = BAD[case]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     seqlen = [] if "--seqlen" in args else ["--seqlen", "64"]
     r = run("prune", str(tiny_folder), *args, *seqlen, "--nsamples", "2", "--out", str(tmp_path / "o"))
     assert r.returncode == 2, r.stderr
@@ -97,3 +107,13 @@ def test_unknown_architecture_missing_model_and_busy_output(gpt2_folder, tmp_pat
     assert r.returncode == 2 and "not empty; pass --overwrite" in r.stderr
     r = run("prune", str(gpt2_folder), "--sparsity", "0.5", "--out", "/proc/forbidden/out")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path):
+    folder = tmp_path / "mismatch"
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(loading.resolve("smollm2-135m")).save_pretrained(folder)
+    for command in (["prune", str(folder), "--sparsity", "0.5", "--out", str(tmp_path / "o")], ["eval", str(folder)]):
+        r = run(*command)
+        assert r.returncode == 2 and "do not belong together" in r.stderr and "Traceback" not in r.stderr
