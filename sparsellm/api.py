@@ -231,7 +231,7 @@ def prune(
                 "name": corpus.name,
                 "source": corpus.source,
                 "sha256": corpus.sha256,
-                "tokens_sha256": _tensor_sha(calib.to(torch.int64)),
+                "tokens_sha256": tensor_sha256(calib.to(torch.int64)),
             }
         },
         events=events,
@@ -259,7 +259,7 @@ def _check_nm_width(model: nn.Module, adapter: Adapter, layer_ids: list[int], ta
                 )
 
 
-def _tensor_sha(t: torch.Tensor) -> str:
+def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
@@ -270,9 +270,9 @@ def _fingerprint(model: nn.Module, run: dict, calib: torch.Tensor) -> dict:
     embedding = model.get_input_embeddings().weight
     return {
         **run,
-        "calibration_tokens": _tensor_sha(calib.to(torch.int64)),
+        "calibration_tokens": tensor_sha256(calib.to(torch.int64)),
         "model": f"{type(model).__name__} {sum(p.numel() for p in model.parameters())} params",
-        "embedding_sha256": _tensor_sha(embedding.float()),
+        "embedding_sha256": tensor_sha256(embedding.float()),
         "sparsellm": __version__,
     }
 

@@ -1,0 +1,253 @@
+"""The benchmark in one command: quality and cost of every method, beside llm-compressor and the cost floor.
+
+    python bench/run.py                 # default grid: every method at 50/70/80/90%, 2:4, 3:4 (~90 min, 2 cores)
+    python bench/run.py --fast          # SparseGPT and SparseLLM at 70% and 2:4, plus llm-compressor's pair
+    python bench/run.py --model gemma3-270m --methods sparsegpt,sparsellm --sparsities 0.7
+
+Every run is a fresh `sparsellm prune` process (honest peak RSS) on the same calibration tokens (the
+protocol's sampler, seed 0; each report's token sha256 is checked against the one the bench computed).
+llm-compressor (optional: `bash bench/peer_env.sh` makes `.venv-peer`, since it pins its own transformers)
+prunes the same linears from the same tokens in its own process; its model is evaluated by our evaluator,
+so perplexities differ only by the pruning. The floor is two forward passes of the calibration set
+through the dense decoder, the least any layer-wise method must do. Writes OUT/bench.json, OUT/bench.md
+and OUT/*.png; `--append` adds the table to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
+DATASETS_ALL = ("wikitext2", "ptb", "c4")
+PEER_METHODS = ("sparsegpt", "wanda")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default="magnitude,wanda,sparsegpt,sparsellm")
+    ap.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,2:4,3:4", help="fractions or N:M (N of M zeroed)")
+    ap.add_argument("--all-datasets", default="0.7,2:4", help="targets also evaluated on PTB and C4")
+    ap.add_argument("--protocol", default="quick")
+    ap.add_argument("--fast", action="store_true", help="SparseGPT and SparseLLM at 70%% and 2:4, and the peer pair")
+    ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-run")
+    ap.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    if args.fast:
+        args.methods, args.sparsities = "sparsegpt,sparsellm", "0.7,2:4"
+    return args
+
+
+def target_args(target: str) -> list[str]:
+    return ["--nm", target] if ":" in target else ["--sparsity", target]
+
+
+def sh(cmd: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if done.returncode:
+        raise SystemExit(f"bench: {' '.join(map(str, cmd))} failed (exit {done.returncode}); see {log}")
+
+
+def calibration(model: str, protocol: str, out: Path) -> tuple[Path, str]:
+    """The calibration tokens every run uses, saved for the peer; and their sha256 as our reports state it."""
+    import sparsellm
+    from sparsellm.api import protocol as named_protocol
+    from sparsellm.api import seqlen_for, tensor_sha256
+    from sparsellm.data import texts
+
+    m, tok = sparsellm.load(model)
+    proto = named_protocol(protocol)
+    tokens = texts.calibration(tok, texts.corpus("c4", "train"), proto.nsamples, seqlen_for(m, proto, None), seed=0)
+    path = out / "calibration.pt"
+    torch.save(tokens, path)
+    return path, tensor_sha256(tokens.to(torch.int64))
+
+
+def ours(args, method: str, target: str, calib_sha: str) -> dict:
+    name = f"{method}-{target}"
+    datasets = DATASETS_ALL if target in args.all_datasets.split(",") else ("wikitext2",)
+    cmd = [sys.executable, "-m", "sparsellm", "prune", args.model, "--method", method, *target_args(target)]
+    cmd += ["--protocol", args.protocol, "--eval", ",".join(datasets), "--out", str(args.out / name), "--overwrite"]
+    sh(cmd, args.out / f"{name}.log")
+    report = json.loads((args.out / name / "report.json").read_text())
+    if report["data"]["calibration"]["tokens_sha256"] != calib_sha:
+        raise SystemExit(f"bench: {name} used other calibration tokens than the bench computed")
+    return {
+        "toolkit": "sparsellm",
+        "method": method,
+        "target": target,
+        "measured": report["sparsity"]["measured"],
+        "perplexity": report["perplexity"],
+        "prune_s": report["timing"]["prune_s"],
+        "peak_rss_mb": report["peak_rss_mb"],
+        "recon_error": [layer["recon_error"] for layer in report["layers"]],
+    }
+
+
+def peer(args, method: str, target: str, calib: Path) -> dict:
+    name = f"llmcompressor-{method}-{target}"
+    folder = args.out / name
+    cmd = [str(PEER_PYTHON), str(ROOT / "bench" / "peer_llmcompressor.py"), "--model", args.model]
+    cmd += ["--method", method, "--target", target, "--calibration", str(calib), "--out", str(folder)]
+    sh(cmd, args.out / f"{name}.log")
+    run = json.loads((folder / "peer.json").read_text())
+    datasets = DATASETS_ALL if target in args.all_datasets.split(",") else ("wikitext2",)
+    cmd = [sys.executable, "-m", "sparsellm", "eval", str(folder), "--datasets", ",".join(datasets)]
+    cmd += ["--protocol", args.protocol, "--json"]
+    evaluated = json.loads(subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout)
+    return {"toolkit": "llmcompressor", "method": method, "target": target, **run, **evaluated}
+
+
+def dense_and_floor(args, calib: Path) -> dict:
+    """Dense perplexity, and the floor: two forward passes of the calibration set through the dense decoder."""
+    code = (
+        "import json, sys, time, torch, sparsellm\n"
+        "from sparsellm.engine.layers import capture, run_layer\n"
+        "from sparsellm.models.adapters import adapter_for\n"
+        "torch.set_num_threads(torch.get_num_threads())\n"
+        "model, _ = sparsellm.load(sys.argv[1]); adapter = adapter_for(model)\n"
+        "tokens = torch.load(sys.argv[2]); seconds = []\n"
+        "for _ in range(2):\n"
+        "    t0 = time.perf_counter(); inputs = capture(model, adapter, tokens, 8); x = inputs.hidden\n"
+        "    with torch.no_grad():\n"
+        "        for i, layer in enumerate(adapter.decoder_layers(model)):\n"
+        "            x = run_layer(layer, x, inputs.kwargs[i], 8)\n"
+        "    seconds.append(time.perf_counter() - t0)\n"
+        "print(json.dumps({'floor_s': sum(seconds)}))\n"
+    )
+    floor = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code, args.model, str(calib)], capture_output=True, text=True, check=True, cwd=ROOT
+        ).stdout
+    )
+    cmd = [sys.executable, "-m", "sparsellm", "eval", args.model, "--datasets", ",".join(DATASETS_ALL)]
+    dense = json.loads(
+        subprocess.run(
+            [*cmd, "--protocol", args.protocol, "--json"], capture_output=True, text=True, check=True, cwd=ROOT
+        ).stdout
+    )
+    return {**floor, "perplexity": dense["perplexity"]}
+
+
+def fmt(value, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def table(rows: list[dict], dense: dict) -> str:
+    """One line per run; ours beside llm-compressor's as ratios (perplexity on WikiText-2, seconds)."""
+    peers = {(r["method"], r["target"]): r for r in rows if r["toolkit"] == "llmcompressor"}
+    head = "| toolkit | method | target | measured | WikiText-2 | PTB | C4 | prune s | x floor | peak RSS MB |"
+    lines = [head + " ppl ours/theirs | s ours/theirs |", "|" + "---|" * 12]
+    ppl = dense["perplexity"]
+    lines.append(
+        f"| dense | | 0 | | {fmt(ppl.get('wikitext2'))} | {fmt(ppl.get('ptb'))} | {fmt(ppl.get('c4'))} |" + " | | | | |"
+    )
+    for r in rows:
+        p, theirs = r["perplexity"], peers.get((r["method"], r["target"])) if r["toolkit"] == "sparsellm" else None
+        ratio_ppl = p["wikitext2"] / theirs["perplexity"]["wikitext2"] if theirs else None
+        ratio_s = r["prune_s"] / theirs["prune_s"] if theirs else None
+        lines.append(
+            f"| {r['toolkit']} | {r['method']} | {r['target']} | {fmt(r.get('measured'), 4)} | "
+            f"{fmt(p.get('wikitext2'))} | {fmt(p.get('ptb'))} | {fmt(p.get('c4'))} | {fmt(r['prune_s'], 0)} | "
+            f"{fmt(r['prune_s'] / dense['floor_s'], 1)} | {fmt(r['peak_rss_mb'], 0)} | {fmt(ratio_ppl, 3)} | "
+            f"{fmt(ratio_s, 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in sorted({(r["toolkit"], r["method"]) for r in rows}):
+        pts = sorted(
+            (float(r["target"]), r["perplexity"]["wikitext2"])
+            for r in rows
+            if (r["toolkit"], r["method"]) == key and ":" not in r["target"]
+        )
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=" ".join(key))
+    ax.set(xlabel="sparsity", ylabel="WikiText-2 perplexity", yscale="log", title="perplexity vs sparsity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(out / "perplexity_vs_sparsity.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r.get("recon_error") and r["target"] in ("0.7", "2:4"):
+            ax.plot(r["recon_error"], label=f"{r['method']} {r['target']}")
+    ax.set(xlabel="decoder layer", ylabel="||Y - Y_pruned||² / ||Y||²", yscale="log", title="per-layer output error")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(out / "recon_error_per_layer.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    for r in rows:  # SparseLLM's per-layer objective curves (the paper's Figure 3 kind), drawn by each run
+        curves = out / f"{r['method']}-{r['target']}" / "plots" / "sparsellm_rounds.png"
+        if r["toolkit"] == "sparsellm" and curves.is_file():
+            shutil.copy(curves, out / f"sparsellm_rounds-{r['target']}.png")
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    methods, targets = args.methods.split(","), args.sparsities.split(",")
+    use_peer = not args.no_peer and PEER_PYTHON.exists()
+    if not args.no_peer and not use_peer:
+        print(
+            f"bench: llm-compressor is not installed ({PEER_PYTHON} missing; run `bash bench/peer_env.sh`): "
+            "its columns stay empty",
+            file=sys.stderr,
+        )
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    calib, calib_sha = calibration(args.model, args.protocol, args.out)
+    dense = dense_and_floor(args, calib)
+    rows = []
+    for target in targets:
+        for method in methods:
+            print(f"bench: sparsellm {method} {target}", file=sys.stderr)
+            rows.append(ours(args, method, target, calib_sha))
+        for method in (m for m in PEER_METHODS if use_peer and m in methods):
+            print(f"bench: llm-compressor {method} {target}", file=sys.stderr)
+            rows.append(peer(args, method, target, calib))
+    result = {
+        "started": started,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "command": " ".join(["python", *sys.argv]),
+        "model": args.model,
+        "protocol": args.protocol,
+        "calibration_tokens_sha256": calib_sha,
+        "dense": dense,
+        "runs": rows,
+    }
+    (args.out / "bench.json").write_text(json.dumps(result, indent=1))
+    text = (
+        f"### {args.model}, protocol {args.protocol}, {started}\n\n`{result['command']}` on {result['machine']};"
+        f" floor (two dense forward passes of the calibration set) {dense['floor_s']:.1f} s.\n\n"
+        + table(rows, dense)
+        + "\n"
+    )
+    (args.out / "bench.md").write_text(text)
+    plots(rows, args.out)
+    print(text)
+    if args.append:
+        with open(ROOT / "BENCHMARKS.md", "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
