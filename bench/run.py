@@ -1,7 +1,7 @@
 """The benchmark in one command: quality and cost of every method, beside llm-compressor and the cost floor.
 
     python bench/run.py                 # default grid: every method at 50/70/80/90%, 2:4, 3:4 (~90 min, 2 cores)
-    python bench/run.py --fast          # SparseGPT and SparseLLM at 70% and 2:4, plus llm-compressor's pair
+    python bench/run.py --fast          # Wanda, SparseGPT, SparseLLM at 70% and 2:4 (WikiText-2), and the peer pair
     python bench/run.py --model gemma3-270m --methods sparsegpt,sparsellm --sparsities 0.7
 
 Every run is a fresh `sparsellm prune` process (honest peak RSS) on the same calibration tokens (the
@@ -39,14 +39,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,2:4,3:4", help="fractions or N:M (N of M zeroed)")
     ap.add_argument("--all-datasets", default="0.7,2:4", help="targets also evaluated on PTB and C4")
     ap.add_argument("--protocol", default="quick")
-    ap.add_argument("--fast", action="store_true", help="SparseGPT and SparseLLM at 70%% and 2:4, and the peer pair")
+    ap.add_argument("--fast", action="store_true", help="Wanda, SparseGPT, SparseLLM at 70%% and 2:4, WikiText-2 only")
     ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-run")
     ap.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
     args = ap.parse_args(argv)
     if args.fast:
-        args.methods, args.sparsities = "sparsegpt,sparsellm", "0.7,2:4"
+        args.methods, args.sparsities, args.all_datasets = "wanda,sparsegpt,sparsellm", "0.7,2:4", "none"
     return args
+
+
+def datasets_for(args, target: str) -> tuple[str, ...]:
+    return DATASETS_ALL if target in args.all_datasets.split(",") else ("wikitext2",)
 
 
 def target_args(target: str) -> list[str]:
@@ -77,7 +81,7 @@ def calibration(model: str, protocol: str, out: Path) -> tuple[Path, str]:
 
 def ours(args, method: str, target: str, calib_sha: str) -> dict:
     name = f"{method}-{target}"
-    datasets = DATASETS_ALL if target in args.all_datasets.split(",") else ("wikitext2",)
+    datasets = datasets_for(args, target)
     cmd = [sys.executable, "-m", "sparsellm", "prune", args.model, "--method", method, *target_args(target)]
     cmd += ["--protocol", args.protocol, "--eval", ",".join(datasets), "--out", str(args.out / name), "--overwrite"]
     sh(cmd, args.out / f"{name}.log")
@@ -99,15 +103,30 @@ def ours(args, method: str, target: str, calib_sha: str) -> dict:
 def peer(args, method: str, target: str, calib: Path) -> dict:
     name = f"llmcompressor-{method}-{target}"
     folder = args.out / name
-    cmd = [str(PEER_PYTHON), str(ROOT / "bench" / "peer_llmcompressor.py"), "--model", args.model]
+    from sparsellm.models import loading
+
+    source = str(loading.resolve(args.model))
+    cmd = [str(PEER_PYTHON), str(ROOT / "bench" / "peer_llmcompressor.py"), "--model", source]
     cmd += ["--method", method, "--target", target, "--calibration", str(calib), "--out", str(folder)]
     sh(cmd, args.out / f"{name}.log")
     run = json.loads((folder / "peer.json").read_text())
-    datasets = DATASETS_ALL if target in args.all_datasets.split(",") else ("wikitext2",)
+    datasets = datasets_for(args, target)
     cmd = [sys.executable, "-m", "sparsellm", "eval", str(folder), "--datasets", ",".join(datasets)]
     cmd += ["--protocol", args.protocol, "--json"]
     evaluated = json.loads(subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout)
-    return {"toolkit": "llmcompressor", "method": method, "target": target, **run, **evaluated}
+    measured = measured_sparsity(folder)
+    return {"toolkit": "llmcompressor", "method": method, "target": target, "measured": measured, **run, **evaluated}
+
+
+def measured_sparsity(folder: Path) -> float:
+    """Zeros over all decoder-layer linears of a saved model, counted as sparsellm counts its own."""
+    import sparsellm
+    from sparsellm.models.adapters import adapter_for
+
+    model, _ = sparsellm.load(str(folder))
+    adapter = adapter_for(model)
+    weights = [lin.weight for layer in adapter.decoder_layers(model) for lin in adapter.linears(layer).values()]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
 def dense_and_floor(args, calib: Path) -> dict:
@@ -132,7 +151,8 @@ def dense_and_floor(args, calib: Path) -> dict:
             [sys.executable, "-c", code, args.model, str(calib)], capture_output=True, text=True, check=True, cwd=ROOT
         ).stdout
     )
-    cmd = [sys.executable, "-m", "sparsellm", "eval", args.model, "--datasets", ",".join(DATASETS_ALL)]
+    every = sorted({d for t in args.sparsities.split(",") for d in datasets_for(args, t)})
+    cmd = [sys.executable, "-m", "sparsellm", "eval", args.model, "--datasets", ",".join(every)]
     dense = json.loads(
         subprocess.run(
             [*cmd, "--protocol", args.protocol, "--json"], capture_output=True, text=True, check=True, cwd=ROOT
