@@ -1,6 +1,7 @@
 """Reliability: a killed run resumes to the identical model; broken numbers stop the run; random CLI input
 never gives a traceback."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -130,7 +131,26 @@ def test_a_failed_cholesky_is_retried_and_counted_in_the_report(tiny_folder, mon
     assert all("raising damping" in e for e in report.events) and len(report.events) == 3
 
 
-ARGS = st.fixed_dictionaries(
+# 50 random argument sets per test run; `HYPOTHESIS_PROFILE=long` (see conftest) tries 1000. Half are drawn
+# from any values (mostly bad input), half from good values only, so the success path is exercised too.
+GOOD = st.fixed_dictionaries(
+    {
+        "--method": st.sampled_from(["magnitude", "wanda", "sparsegpt", "sparsellm"]),
+        "--seqlen": st.sampled_from(["16", "64"]),
+        "--nsamples": st.sampled_from(["1", "2"]),
+    },
+    optional={
+        "--layers": st.sampled_from(["all", "first-half", "1", "0,1"]),
+        "--calib": st.sampled_from(["c4", "ptb"]),
+        "--eval": st.sampled_from(["", "ptb"]),
+        "--batch-size": st.sampled_from(["1", "3"]),
+    },
+).flatmap(
+    lambda good: st.sampled_from(
+        [{**good, "--sparsity": v} for v in ("0", "0.5", "0.9")] + [{**good, "--nm": v} for v in ("2:4", "1:8")]
+    )
+)
+ANY = st.fixed_dictionaries(
     {},
     optional={
         "--method": st.sampled_from(["magnitude", "wanda", "sparsegpt", "sparsellm", "sparsellm", "obc", ""]),
@@ -149,10 +169,13 @@ ARGS = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(options=ARGS, overwrite=st.booleans())
+RUNS = itertools.count()
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(options=st.one_of(ANY, GOOD), overwrite=st.booleans())
 def test_random_cli_arguments_never_give_a_traceback(options, overwrite, tiny_folder, tmp_path, capsys):
-    out = tmp_path / "fuzz"
+    out = tmp_path / ("fuzz" if overwrite else f"fuzz-{next(RUNS)}")  # a busy --out is test_cli's case
     argv = ["prune", str(tiny_folder), "--out", str(out), *[v for kv in options.items() for v in kv]]
     argv += ["--overwrite"] if overwrite else []
     try:
