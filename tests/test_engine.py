@@ -56,20 +56,19 @@ def test_every_method_prunes_every_family(family, method, target):
     assert math.isfinite(perplexity(model, adapter, random_tokens(2, seed=5)))
 
 
-def test_layer_selection_and_true_sequential():
+def sparsegpt_on_tiny_llama(sparsity: float, n_samples: int, layers: set[int], true_sequential: bool):
     model = tiny_model("llama")
     adapter = adapter_for(model)
-    dense_layer0 = {k: v.clone() for k, v in adapter.decoder_layers(model)[0].state_dict().items()}
-    logs = prune_model(
-        model,
-        adapter,
-        make_method("sparsegpt"),
-        Target(sparsity=0.5),
-        random_tokens(8),
-        {1},
-        EngineOptions(true_sequential=True),
-        progress=False,
-    )
+    opts = EngineOptions(true_sequential=true_sequential)
+    target = Target(sparsity=sparsity)
+    logs = prune_model(model, adapter, make_method("sparsegpt"), target, random_tokens(n_samples), layers, opts, False)
+    return model, adapter, logs
+
+
+def test_layer_selection_and_true_sequential():
+    dense = tiny_model("llama")
+    dense_layer0 = adapter_for(dense).decoder_layers(dense)[0].state_dict()
+    model, adapter, logs = sparsegpt_on_tiny_llama(0.5, 8, {1}, true_sequential=True)
     assert [log.index for log in logs] == [1]
     for k, v in adapter.decoder_layers(model)[0].state_dict().items():
         assert torch.equal(v, dense_layer0[k]), k
@@ -77,19 +76,6 @@ def test_layer_selection_and_true_sequential():
 
 def test_true_sequential_differs_and_reconstructs_no_worse():
     """Recomputing inputs after earlier sites are pruned lets later sites compensate."""
-    errors = {}
-    for ts in (False, True):
-        model = tiny_model("llama")
-        logs = prune_model(
-            model,
-            adapter_for(model),
-            make_method("sparsegpt"),
-            Target(sparsity=0.7),
-            random_tokens(16),
-            {0},
-            EngineOptions(true_sequential=ts),
-            progress=False,
-        )
-        errors[ts] = logs[0].recon_error
+    errors = {ts: sparsegpt_on_tiny_llama(0.7, 16, {0}, ts)[2][0].recon_error for ts in (False, True)}
     assert errors[True] != errors[False]
     assert errors[True] < errors[False] * 1.05

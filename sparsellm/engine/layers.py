@@ -24,17 +24,17 @@ class StopForward(Exception):
 class _Recorder(nn.Module):
     """Stands in for a decoder layer: records what it is given and passes the hidden states through."""
 
-    def __init__(self, index: int, last: bool, record: LayerInputs, layer: nn.Module):
+    def __init__(self, index: int, last: bool, hidden: list[torch.Tensor], kwargs: list[dict], layer: nn.Module):
         super().__init__()
-        self.index, self.last, self.record = index, last, record
+        self.index, self.last, self.hidden, self.kwargs = index, last, hidden, kwargs
         if hasattr(layer, "attention_type"):
             self.attention_type = layer.attention_type
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.index == 0:
-            self.record.hidden.append(hidden_states.detach().float())
-        if len(self.record.kwargs) == self.index:
-            self.record.kwargs.append(_static_kwargs(kwargs))
+            self.hidden.append(hidden_states.detach().float())
+        if len(self.kwargs) == self.index:
+            self.kwargs.append(_static_kwargs(kwargs))
         if self.last:
             raise StopForward
         return hidden_states
@@ -49,7 +49,7 @@ def _static_kwargs(kwargs: dict) -> dict:
 class LayerInputs:
     """Hidden states entering layer 0, [n, seqlen, d], and the kwargs of each layer's call."""
 
-    hidden: torch.Tensor | list[torch.Tensor]
+    hidden: torch.Tensor
     kwargs: list[dict]
 
 
@@ -60,10 +60,11 @@ def capture(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size
     The kwargs are recorded from a batch of one sample, so they broadcast over any batch size.
     """
     layers = adapter.decoder_layers(model)
-    record = LayerInputs([], [])
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict] = []
     originals = list(layers)
     for i, layer in enumerate(originals):
-        layers[i] = _Recorder(i, i == len(originals) - 1, record, layer)
+        layers[i] = _Recorder(i, i == len(originals) - 1, hidden, kwargs, layer)
     try:
         starts = [0, *range(1, tokens.shape[0], batch_size)]
         for start, end in zip(starts, [*starts[1:], tokens.shape[0]], strict=False):
@@ -72,8 +73,7 @@ def capture(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
-    record.hidden = torch.cat(record.hidden)
-    return record
+    return LayerInputs(torch.cat(hidden), kwargs)
 
 
 def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

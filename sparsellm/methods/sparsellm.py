@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.stats import InputStats
 from ..models.adapters import MLP
 from .activations import Activation, activation
 from .base import Target
@@ -44,12 +43,15 @@ def _chunks(n: int):
         yield slice(start, min(start + CHUNK, n))
 
 
-def gram(a: torch.Tensor) -> torch.Tensor:
-    """A^T A / N, accumulated chunk by chunk exactly as the engine accumulates input Hessians."""
-    stats = InputStats("hessian")
-    for sl in _chunks(a.shape[0]):
-        stats.add(a[sl])
-    return stats.mean()
+def gram(a: torch.Tensor, block: int = 384) -> torch.Tensor:
+    """A^T A / N, exactly symmetric: only the blocks on and above the diagonal are multiplied (~2/3 the work)."""
+    n, f = a.shape
+    g = torch.empty(f, f, dtype=a.dtype)
+    for i in range(0, f, block):
+        j = min(i + block, f)
+        g[i:j, i:] = a[:, i:j].T @ a[:, i:]
+        g[j:, i:j] = g[i:j, j:].T
+    return g.div_(n)
 
 
 def least_squares(
