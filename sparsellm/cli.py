@@ -98,8 +98,10 @@ def _check_output(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
     parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"the parent folder of --out ({parent}) does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)  # `--out runs/x` works in a fresh clone
+    except OSError as e:
+        raise UserError(f"cannot create {parent} ({e.strerror}); choose another --out") from e
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write to {parent}; choose another --out")
 

@@ -107,6 +107,8 @@ def test_unknown_architecture_missing_model_and_busy_output(gpt2_folder, tmp_pat
     assert r.returncode == 2 and "not empty; pass --overwrite" in r.stderr
     r = run("prune", str(gpt2_folder), "--sparsity", "0.5", "--out", "/proc/forbidden/out")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = run("prune", str(gpt2_folder), "--sparsity", "0.5", "--out", str(tmp_path / "new" / "parents" / "o"))
+    assert (tmp_path / "new" / "parents").is_dir()  # a missing parent is created (then the architecture is refused)
 
 
 def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path):
