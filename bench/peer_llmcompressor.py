@@ -41,7 +41,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--batch-size", type=int, default=8, help="as sparsellm's engine")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     if ":" in args.target:
         n, m = (int(v) for v in args.target.split(":"))
         sparsity, structure = n / m, args.target

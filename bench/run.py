@@ -135,7 +135,6 @@ def dense_and_floor(args, calib: Path) -> dict:
         "import json, sys, time, torch, sparsellm\n"
         "from sparsellm.engine.layers import capture, run_layer\n"
         "from sparsellm.models.adapters import adapter_for\n"
-        "torch.set_num_threads(torch.get_num_threads())\n"
         "model, _ = sparsellm.load(sys.argv[1]); adapter = adapter_for(model)\n"
         "tokens = torch.load(sys.argv[2]); seconds = []\n"
         "for _ in range(2):\n"

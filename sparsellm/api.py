@@ -203,10 +203,11 @@ def prune(
         true_sequential=config.true_sequential,
         dense_attention_mlp_input=config.dense_attention_mlp_input,
     )
+    calib_sha = tensor_sha256(calib.to(torch.int64))
     checkpoint = None
     if checkpoint_dir is not None:
         run = {**asdict(config), "seqlen": seqlen, "nsamples": nsamples, "layers": layer_ids}
-        checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model, run, calib))
+        checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model, run, calib_sha))
     resumed = checkpoint is not None and checkpoint.exists()
     logs = prune_model(model, adapter, method, target, calib, set(layer_ids), opts, progress, checkpoint)
     t_prune = time.perf_counter()
@@ -231,7 +232,7 @@ def prune(
                 "name": corpus.name,
                 "source": corpus.source,
                 "sha256": corpus.sha256,
-                "tokens_sha256": tensor_sha256(calib.to(torch.int64)),
+                "tokens_sha256": calib_sha,
             }
         },
         events=events,
@@ -263,14 +264,14 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _fingerprint(model: nn.Module, run: dict, calib: torch.Tensor) -> dict:
+def _fingerprint(model: nn.Module, run: dict, calib_sha: str) -> dict:
     """What must be equal for a checkpoint to be resumed: the arguments, the data and the model's weights."""
     from . import __version__
 
     embedding = model.get_input_embeddings().weight
     return {
         **run,
-        "calibration_tokens": tensor_sha256(calib.to(torch.int64)),
+        "calibration_tokens": calib_sha,
         "model": f"{type(model).__name__} {sum(p.numel() for p in model.parameters())} params",
         "embedding_sha256": tensor_sha256(embedding.float()),
         "sparsellm": __version__,

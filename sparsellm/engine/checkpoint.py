@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,9 +37,6 @@ class Checkpoint:
 
     def exists(self) -> bool:
         return self.state_path.is_file()
-
-    def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
 
     def save(self, index: int, layer: nn.Module, adapter: Adapter, pruned: bool, x_next: torch.Tensor, logs) -> None:
         """Record that decoder layer `index` is done and `x_next` are the inputs of the layer after it."""
