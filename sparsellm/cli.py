@@ -32,6 +32,19 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         "windows per text) or standard (seqlen 2048, 128 samples, full test sets)",
     )
     p.add_argument("--seqlen", type=int, help="override the protocol's sequence length")
+    z = p.add_argument_group("zero-shot accuracy through lm-evaluation-harness")
+    z.add_argument(
+        "--tasks",
+        default="",
+        help="lm-eval tasks: zeroshot (the papers' seven: boolq, rte, hellaswag, winogrande, arc_easy, "
+        "arc_challenge, openbookqa), or a list of those and piqa, lambada_openai",
+    )
+    z.add_argument("--limit", type=int, help="score only the first N items of each task (recorded in the report)")
+    z.add_argument(
+        "--hellaswag-file",
+        type=Path,
+        help="the original hellaswag_val.jsonl (only a preprocessed, not lm-eval-exact copy is bundled)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take the MLP input before the layer's attention was pruned (the reference code's variant)",
     )
-    p.add_argument("--eval", default="", help="datasets to evaluate after pruning, e.g. wikitext2,ptb,c4")
+    p.add_argument("--eval", default="", help="perplexity datasets to evaluate after pruning, e.g. wikitext2,ptb,c4")
     p.add_argument("--out", required=True, help="output folder (Hugging Face format + report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (and any checkpoint)")
     p.add_argument(
@@ -80,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a killed run from OUT.checkpoint (saved after every layer); same arguments required",
     )
 
-    e = sub.add_parser("eval", help="perplexity of a model or pruned folder")
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or pruned folder")
     e.add_argument("model")
-    e.add_argument("--datasets", default="wikitext2,ptb,c4")
+    e.add_argument("--datasets", help="perplexity datasets (default: wikitext2,ptb,c4 unless only --tasks is given)")
     _add_eval_args(e)
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -137,6 +150,30 @@ def _datasets(spec: str) -> list[str]:
     return [d.strip() for d in spec.split(",") if d.strip()]
 
 
+def _zeroshot(args, model, tokenizer) -> tuple[dict, dict]:
+    """(report entry, data provenance) of the --tasks run through lm-eval."""
+    from .data.texts import default_online
+    from .eval import zeroshot
+
+    tasks = zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
+    results, provenance = zeroshot.evaluate_zeroshot(
+        model, tokenizer, tasks, args.limit, online=default_online(), hellaswag_file=args.hellaswag_file
+    )
+    return zeroshot.summary(results, args.limit), provenance
+
+
+def _with_stderr(result: dict, metric: str) -> str:
+    return f"{result[metric]:.4f} ± {result[metric + '_stderr']:.4f}" if metric in result else ""
+
+
+def _zeroshot_rows(summary: dict) -> list[dict]:
+    rows = []
+    for task, r in summary["tasks"].items():
+        rows.append({"task": task, "acc": _with_stderr(r, "acc"), "acc_norm": _with_stderr(r, "acc_norm"), "n": r["n"]})
+    rows.append({"task": "mean acc", "acc": f"{summary['mean_acc']:.4f}", "n": f"limit {summary['limit']}"})
+    return rows
+
+
 def _method_options(args) -> dict:
     options = {k: getattr(args, k) for k in ("rounds", "alpha", "beta", "gamma") if getattr(args, k) is not None}
     if (options or args.dense_attention_input) and args.method != "sparsellm":
@@ -170,6 +207,7 @@ def _manifest(args, report) -> dict:
 
 def cmd_prune(args) -> int:
     from . import api
+    from .eval import zeroshot
     from .models import loading
 
     out = Path(args.out)
@@ -197,6 +235,7 @@ def cmd_prune(args) -> int:
     config.target()  # validate before the slow load
     api.protocol(args.protocol)
     api.check_datasets(_datasets(args.eval))
+    zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
     t0 = time.perf_counter()
     model, tokenizer = loading.load(args.model)
     load_s = time.perf_counter() - t0
@@ -207,6 +246,10 @@ def cmd_prune(args) -> int:
         report.perplexity, eval_data = api.evaluate(model, tokenizer, _datasets(args.eval), args.protocol, args.seqlen)
         report.data["evaluation"] = eval_data
         report.timing["eval_s"] = time.perf_counter() - t1
+    if args.tasks:
+        t1 = time.perf_counter()
+        report.zeroshot, report.data["zeroshot"] = _zeroshot(args, model, tokenizer)
+        report.timing["zeroshot_s"] = time.perf_counter() - t1
     report.peak_rss_mb = api.peak_rss_mb()
     result = report.to_dict()
     result["model"] = args.model
@@ -221,6 +264,8 @@ def cmd_prune(args) -> int:
         "peak RSS MB": f"{report.peak_rss_mb:.0f}",
         **{k: f"{v:.2f}" for k, v in report.perplexity.items()},
     }
+    if report.zeroshot:
+        row["zero-shot mean acc"] = f"{report.zeroshot['mean_acc']:.4f} (limit {report.zeroshot['limit']})"
     print(_table([row], list(row)))
     print(f"saved {out}/ (report.json inside)")
     return 0
@@ -228,22 +273,34 @@ def cmd_prune(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import api
+    from .eval import zeroshot
     from .models import loading
 
-    datasets = _datasets(args.datasets)
+    datasets = _datasets(args.datasets if args.datasets is not None else "" if args.tasks else "wikitext2,ptb,c4")
+    if not datasets and not args.tasks:
+        raise UserError("nothing to evaluate: give --datasets and/or --tasks")
     api.protocol(args.protocol)
     api.check_datasets(datasets)
+    zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
     model, tokenizer = loading.load(args.model)
-    ppl, data = api.evaluate(model, tokenizer, datasets, args.protocol, args.seqlen)
-    if args.json:
-        print(json.dumps({"model": args.model, "protocol": args.protocol, "perplexity": ppl, "data": data}, indent=1))
-    else:
-        print(
-            _table(
-                [{"model": args.model, "protocol": args.protocol, **{k: f"{v:.3f}" for k, v in ppl.items()}}],
-                ["model", "protocol", *ppl],
-            )
+    result = {"model": args.model, "protocol": args.protocol, "perplexity": {}, "zeroshot": {}, "data": {}}
+    if datasets:
+        result["perplexity"], result["data"]["evaluation"] = api.evaluate(
+            model, tokenizer, datasets, args.protocol, args.seqlen
         )
+    if args.tasks:
+        result["zeroshot"], result["data"]["zeroshot"] = _zeroshot(args, model, tokenizer)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    if datasets:
+        ppl = {k: f"{v:.3f}" for k, v in result["perplexity"].items()}
+        print(_table([{"model": args.model, "protocol": args.protocol, **ppl}], ["model", "protocol", *ppl]))
+    if args.tasks:
+        print(_table(_zeroshot_rows(result["zeroshot"]), ["task", "acc", "acc_norm", "n"]))
+        for task, d in result["data"]["zeroshot"].items():
+            if not d["exact"]:
+                print(f"{task}: {d['note']}")
     return 0
 
 

@@ -77,6 +77,16 @@ BAD = {
     "too few calibration tokens": (["--sparsity", "0.5", "--calib", "{tmp}/short.txt"], "need more than seqlen"),
     "empty calibration file": (["--sparsity", "0.5", "--calib", "{tmp}/empty.txt"], "data file is empty"),
     "binary calibration file": (["--sparsity", "0.5", "--calib", "{tmp}/binary.txt"], "is not UTF-8 text"),
+    "unknown zero-shot task": (["--sparsity", "0.5", "--tasks", "mmlu"], "unknown zero-shot task 'mmlu'"),
+    "zero-shot limit 0": (["--sparsity", "0.5", "--tasks", "rte", "--limit", "0"], "--limit must be at least 1"),
+    "missing hellaswag file": (
+        ["--sparsity", "0.5", "--tasks", "hellaswag", "--hellaswag-file", "{tmp}/none.jsonl"],
+        "--hellaswag-file",
+    ),
+    "altered hellaswag file": (
+        ["--sparsity", "0.5", "--tasks", "hellaswag", "--hellaswag-file", "{tmp}/short.txt"],
+        "not the original HellaSwag",
+    ),
 }
 
 

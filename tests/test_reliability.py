@@ -138,8 +138,10 @@ GOOD = st.fixed_dictionaries(
         "--method": st.sampled_from(["magnitude", "wanda", "sparsegpt", "sparsellm"]),
         "--seqlen": st.sampled_from(["16", "64"]),
         "--nsamples": st.sampled_from(["1", "2"]),
+        "--limit": st.just("2"),  # only read with --tasks
     },
     optional={
+        "--tasks": st.sampled_from(["rte", "winogrande,lambada_openai"]),
         "--layers": st.sampled_from(["all", "first-half", "1", "0,1"]),
         "--calib": st.sampled_from(["c4", "ptb"]),
         "--eval": st.sampled_from(["", "ptb"]),
@@ -165,6 +167,8 @@ ANY = st.fixed_dictionaries(
         "--alpha": st.sampled_from(["0.3", "0", "-1"]),
         "--eval": st.sampled_from(["", "wikitext2", "imagenet", ","]),
         "--batch-size": st.sampled_from(["1", "8", "0", "-2"]),
+        "--tasks": st.sampled_from(["", "mmlu", "zeroshot,nope", "rte"]),
+        "--limit": st.sampled_from(["1", "0", "-3", "x"]),
     },
 )
 
