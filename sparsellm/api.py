@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .data import texts
+from .engine import parallel
 from .engine.checkpoint import Checkpoint
 from .engine.sequential import EngineOptions, prune_model
 from .errors import UserError
@@ -210,7 +211,8 @@ def prune(
         run = {**asdict(config), "seqlen": seqlen, "nsamples": nsamples, "layers": layer_ids}
         checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model, run, calib_sha))
     resumed = checkpoint is not None and checkpoint.exists()
-    logs = prune_model(model, adapter, method, target, calib, set(layer_ids), opts, progress, checkpoint)
+    local = calib[parallel.shard(calib.shape[0])]  # data parallel: this rank's samples (all of them alone)
+    logs = prune_model(model, adapter, method, target, local, set(layer_ids), opts, progress, checkpoint)
     t_prune = time.perf_counter()
     events = [e for log in logs for e in log.events]
     return Report(
@@ -224,6 +226,7 @@ def prune(
             "layers_total": len(adapter.decoder_layers(model)),
             "family": adapter.family,
             "resumed": resumed,
+            "ranks": parallel.world(),
         },
         sparsity=sparsity_summary(model, adapter, layer_ids, dense_zeros, target),
         layers=[asdict(log) for log in logs],
@@ -302,6 +305,6 @@ def evaluate(
     for name in datasets:
         corpus = texts.corpus(name, "test", online=texts.default_online())
         windows = texts.eval_windows(tokenizer, corpus, seqlen, proto.max_windows)
-        results[name] = perplexity(model, adapter, windows, progress=progress)
+        results[name] = perplexity(model, adapter, windows[parallel.shard(windows.shape[0])], progress=progress)
         data[name] = {"source": corpus.source, "sha256": corpus.sha256, "windows": windows.shape[0], "seqlen": seqlen}
     return results, data

@@ -25,6 +25,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (statistics are fp32 on any device)")
+    p.add_argument("--dtype", default="float32", help="weights and activations: float32, bfloat16 or float16")
     p.add_argument(
         "--protocol",
         default="quick",
@@ -207,13 +209,18 @@ def _manifest(args, report) -> dict:
 
 def cmd_prune(args) -> int:
     from . import api
+    from .engine import parallel
     from .eval import zeroshot
     from .models import loading
 
     out = Path(args.out)
     _check_output(out, args.overwrite)
     checkpoint_dir = out.with_name(out.name + ".checkpoint")
-    if checkpoint_dir.exists() and not args.resume:
+    if parallel.world() > 1:
+        if args.resume:
+            raise UserError("--resume is not supported under torchrun yet; rerun with one process")
+        checkpoint_dir = None  # each rank holds different activations: no single checkpoint (see README)
+    elif checkpoint_dir.exists() and not args.resume:
         if not args.overwrite:
             raise UserError(
                 f"an interrupted run left {checkpoint_dir}; pass --resume to continue it or --overwrite to start over"
@@ -237,7 +244,7 @@ def cmd_prune(args) -> int:
     api.check_datasets(_datasets(args.eval))
     zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
     t0 = time.perf_counter()
-    model, tokenizer = loading.load(args.model)
+    model, tokenizer = loading.load(args.model, args.device, args.dtype)
     load_s = time.perf_counter() - t0
     report = api.prune(model, tokenizer, config, checkpoint_dir=checkpoint_dir)
     report.timing["load_s"] = load_s
@@ -251,11 +258,14 @@ def cmd_prune(args) -> int:
         report.zeroshot, report.data["zeroshot"] = _zeroshot(args, model, tokenizer)
         report.timing["zeroshot_s"] = time.perf_counter() - t1
     report.peak_rss_mb = api.peak_rss_mb()
+    if not parallel.is_main():  # the ranks computed the same model; rank 0 alone writes and reports
+        return 0
     result = report.to_dict()
     result["model"] = args.model
     result["manifest"] = _manifest(args, report)
     _save_atomically(model, tokenizer, result, out)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the result is in place: the checkpoint has served
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the result is in place: the checkpoint has served
     row = {
         "method": report.method,
         "target": report.sparsity["target"],
@@ -273,6 +283,7 @@ def cmd_prune(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import api
+    from .engine import parallel
     from .eval import zeroshot
     from .models import loading
 
@@ -282,7 +293,7 @@ def cmd_eval(args) -> int:
     api.protocol(args.protocol)
     api.check_datasets(datasets)
     zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
-    model, tokenizer = loading.load(args.model)
+    model, tokenizer = loading.load(args.model, args.device, args.dtype)
     result = {"model": args.model, "protocol": args.protocol, "perplexity": {}, "zeroshot": {}, "data": {}}
     if datasets:
         result["perplexity"], result["data"]["evaluation"] = api.evaluate(
@@ -290,6 +301,8 @@ def cmd_eval(args) -> int:
         )
     if args.tasks:
         result["zeroshot"], result["data"]["zeroshot"] = _zeroshot(args, model, tokenizer)
+    if not parallel.is_main():
+        return 0
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -312,6 +325,11 @@ def cmd_inspect(args) -> int:
     return 0 if ok else 1
 
 
+def _threads_per_rank() -> int:
+    """All cores, shared between the processes torchrun started on this machine."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -319,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        from .engine import parallel
+        from .models.loading import device_for
+
+        torch.set_num_threads(args.threads or _threads_per_rank())
+        if args.command != "inspect":
+            parallel.init_from_env(device_for(args.device))
         return {"prune": cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
     except UserError as e:
         print(f"sparsellm: error: {e}", file=sys.stderr)
@@ -327,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sparsellm: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        from .engine import parallel
+
+        parallel.close()
 
 
 if __name__ == "__main__":

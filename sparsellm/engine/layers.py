@@ -32,7 +32,7 @@ class _Recorder(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.index == 0:
-            self.hidden.append(hidden_states.detach().float())
+            self.hidden.append(hidden_states.detach())  # in the model's dtype
         if len(self.kwargs) == self.index:
             self.kwargs.append(_static_kwargs(kwargs))
         if self.last:
@@ -60,6 +60,7 @@ def capture(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size
     The kwargs are recorded from a batch of one sample, so they broadcast over any batch size.
     """
     layers = adapter.decoder_layers(model)
+    device = next(model.parameters()).device
     hidden: list[torch.Tensor] = []
     kwargs: list[dict] = []
     originals = list(layers)
@@ -69,7 +70,7 @@ def capture(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size
         starts = [0, *range(1, tokens.shape[0], batch_size)]
         for start, end in zip(starts, [*starts[1:], tokens.shape[0]], strict=False):
             with contextlib.suppress(StopForward):
-                model(input_ids=tokens[start:end], use_cache=False)
+                model(input_ids=tokens[start:end].to(device), use_cache=False)
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer

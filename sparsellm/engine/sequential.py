@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..methods.base import Method, Target
 from ..models.adapters import Adapter, Site, submodule
+from . import parallel
 from .checkpoint import Checkpoint
 from .layers import StopForward, call_layer, capture, run_layer
 from .stats import recording
@@ -93,25 +94,29 @@ def mlp_inputs(layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict
         for h in handles:
             h.remove()
     x_mlp = torch.cat(chunks)
-    if not torch.isfinite(x_mlp).all():
+    (bad,) = parallel.all_sum_floats(float(not torch.isfinite(x_mlp).all()))  # every rank must stop together
+    if bad:
         raise UserError("the MLP inputs hold NaN/Inf (the model or its data is broken); nothing was saved")
     return x_mlp
 
 
 @torch.no_grad()
 def finish_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, dense_out: torch.Tensor, batch_size: int) -> float:
-    """Overwrite `dense_out` with the pruned layer's outputs; return the relative squared error."""
-    err = norm = 0.0
+    """Overwrite `dense_out` with the pruned layer's outputs; return the relative squared error (all ranks)."""
+    err = norm = bad_dense = bad_out = 0.0
     for start in range(0, x.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         out = call_layer(layer, x[sl], kwargs)
-        if not torch.isfinite(dense_out[sl]).all():
-            raise UserError("the dense model gives NaN/Inf inside a layer on this calibration data; nothing was saved")
-        if not torch.isfinite(out).all():
-            raise UserError("a pruned layer produced NaN/Inf outputs; nothing was saved (try a lower sparsity)")
-        err += (out - dense_out[sl]).pow(2).sum().item()
-        norm += dense_out[sl].pow(2).sum().item()
+        bad_dense += not torch.isfinite(dense_out[sl]).all()
+        bad_out += not torch.isfinite(out).all()
+        err += (out - dense_out[sl]).float().pow(2).sum().item()
+        norm += dense_out[sl].float().pow(2).sum().item()
         dense_out[sl] = out
+    err, norm, bad_dense, bad_out = parallel.all_sum_floats(err, norm, bad_dense, bad_out)  # stop together
+    if bad_dense:
+        raise UserError("the dense model gives NaN/Inf inside a layer on this calibration data; nothing was saved")
+    if bad_out:
+        raise UserError("a pruned layer produced NaN/Inf outputs; nothing was saved (try a lower sparsity)")
     return err / max(norm, 1e-30)
 
 

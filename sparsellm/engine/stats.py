@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import parallel
+
 
 class InputStats:
     """Running X^T X (kind "hessian") or column sums of squares (kind "sqnorm") of a linear's input."""
@@ -26,8 +28,9 @@ class InputStats:
         self.tokens += x.shape[0]
 
     def mean(self) -> torch.Tensor:
-        """X^T X / N (or the per-column mean square)."""
-        return self.sum / self.tokens
+        """X^T X / N (or the per-column mean square), over the tokens of every rank."""
+        (tokens,) = parallel.all_sum_floats(self.tokens)
+        return parallel.all_sum(self.sum) / tokens
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..engine import parallel
 from ..engine.layers import capture, run_layer
 from ..models.adapters import Adapter
 
@@ -25,12 +26,13 @@ def window_nll(
     total = 0.0
     for j in range(windows.shape[0]):  # one window at a time: the vocabulary-sized logits dominate memory
         logits = adapter.logits(model, x[j : j + 1])[0, :-1].float()
-        total += nn.functional.cross_entropy(logits, windows[j, 1:], reduction="sum").item()
+        total += nn.functional.cross_entropy(logits, windows[j, 1:].to(logits.device), reduction="sum").item()
     return total, windows.shape[0] * (windows.shape[1] - 1)
 
 
 def perplexity(
     model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int = 4, progress: bool = False
 ) -> float:
-    nll, count = window_nll(model, adapter, windows, batch_size, progress)
+    """exp(mean NLL) over the windows of every rank (each passes its own share)."""
+    nll, count = parallel.all_sum_floats(*window_nll(model, adapter, windows, batch_size, progress))
     return math.exp(nll / count)

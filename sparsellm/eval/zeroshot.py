@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from pathlib import Path
 
 from torch import nn
@@ -139,6 +140,8 @@ def check_request(spec: str, limit: int | None, hellaswag_file: Path | None) -> 
         raise UserError("--limit must be at least 1")
     if hellaswag_file is not None and not Path(hellaswag_file).is_file():
         raise UserError(f"--hellaswag-file {hellaswag_file} does not exist; give the original hellaswag_val.jsonl")
+    if tasks and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--tasks under torchrun is not supported; evaluate the saved folder with `sparsellm eval`")
     if tasks:
         _lm_eval()
     if not texts.default_online():

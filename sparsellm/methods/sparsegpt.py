@@ -28,7 +28,7 @@ def with_damping(hessian: torch.Tensor, percdamp: float, factor) -> tuple[torch.
     Never falls back silently: every retry is returned as an event (logged, and counted in the report).
     """
     events: list[str] = []
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     base = percdamp * max(torch.diag(hessian).mean().item(), 1e-12)
     for dtype in (torch.float32, torch.float64):
         h = hessian.to(dtype)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine import parallel
 from ..models.adapters import MLP
 from .activations import Activation, activation
 from .base import Target
@@ -43,22 +44,23 @@ def _chunks(n: int):
         yield slice(start, min(start + CHUNK, n))
 
 
-def gram(a: torch.Tensor, block: int = 384) -> torch.Tensor:
-    """A^T A / N, exactly symmetric: only the blocks on and above the diagonal are multiplied (~2/3 the work)."""
-    n, f = a.shape
-    g = torch.empty(f, f, dtype=a.dtype)
+def gram(a: torch.Tensor, n: int | None = None, block: int = 384) -> torch.Tensor:
+    """A^T A / n, summed over the ranks' rows (n: their total count), exactly symmetric: only the blocks on
+    and above the diagonal are multiplied (~2/3 the work)."""
+    f = a.shape[1]
+    g = torch.empty(f, f, dtype=a.dtype, device=a.device)
     for i in range(0, f, block):
         j = min(i + block, f)
         g[i:j, i:] = a[:, i:j].T @ a[:, i:]
         g[j:, i:j] = g[i:j, j:].T
-    return g.div_(n)
+    return parallel.all_sum(g).div_(n or a.shape[0])
 
 
 def least_squares(
-    target: torch.Tensor, inputs: torch.Tensor, hessian: torch.Tensor, ridge: float
+    target: torch.Tensor, inputs: torch.Tensor, hessian: torch.Tensor, ridge: float, n: int
 ) -> tuple[torch.Tensor, list[str]]:
-    """W* = argmin ||T - A W^T||^2 + ridge: (T^T A / N) (A^T A / N + lambda I)^-1, by Cholesky."""
-    cross = target.T @ inputs / inputs.shape[0]
+    """W* = argmin ||T - A W^T||^2 + ridge: (T^T A / n) (A^T A / n + lambda I)^-1, by Cholesky (n: all ranks' rows)."""
+    cross = parallel.all_sum(target.T @ inputs) / n
     chol, events = with_damping(hessian, ridge, cholesky)
     return torch.cholesky_solve(cross.T, chol).T, events
 
@@ -144,26 +146,26 @@ class _Solver:
         self.gated = mlp.kind == "gated"
         self.act = activation(mlp.act_name)
         self.dense = {k: lin.weight.data.float().clone() for k, lin in self._linears().items()}
-        self.b1 = mlp.up.bias.data.float() if mlp.up.bias is not None else torch.zeros(mlp.up.out_features)
-        self.b2 = mlp.down.bias.data.float() if mlp.down.bias is not None else torch.zeros(mlp.down.out_features)
+        zeros = lambda n: torch.zeros(n, device=x.device)  # noqa: E731
+        self.b1 = mlp.up.bias.data.float() if mlp.up.bias is not None else zeros(mlp.up.out_features)
+        self.b2 = mlp.down.bias.data.float() if mlp.down.bias is not None else zeros(mlp.down.out_features)
+        (tokens,) = parallel.all_sum_floats(x.shape[0])
+        self.n = int(tokens)  # over all ranks: every sum below is all-reduced
         with torch.no_grad():
             self.z = x @ self.dense["up"].T + self.b1
             self.s = x @ self.dense["gate"].T if self.gated else None
             self.p = self._hidden(self.z, self.s)
             self.y = self.p @ self.dense["down"].T + self.b2
-        self.hx = gram(x)
+        self.hx = gram(x, self.n)
         self.up_out = torch.empty_like(self.z)  # sparse up/gate outputs of the current round (see evaluate)
         self.gate_out = torch.empty_like(self.s) if self.gated else None
         self.y_wd = torch.empty_like(self.z)  # (Y - b2) Wd for the current Wd (see evaluate)
-        sq = lambda t: t.pow(2).sum().item() + 1e-30  # noqa: E731
+        sq = lambda t: t.pow(2).sum().item() if t is not None else 0.0  # noqa: E731
         # Normalise each term by its dense target's squared norm: the weights become scale-free.
-        self.y_sq = sq(self.y - self.b2)
-        self.a_z, self.g, self.b = (
-            method.alpha / sq(self.z),
-            method.gamma / sq(self.p),
-            method.beta / self.y_sq,
-        )
-        self.a_s = method.alpha / sq(self.s) if self.gated else 0.0
+        sums = parallel.all_sum_floats(sq(self.y - self.b2), sq(self.z), sq(self.p), sq(self.s), sq(self.y))
+        self.y_sq, z_sq, p_sq, s_sq, self.y_norm = (v + 1e-30 for v in sums)
+        self.a_z, self.g, self.b = method.alpha / z_sq, method.gamma / p_sq, method.beta / self.y_sq
+        self.a_s = method.alpha / s_sq if self.gated else 0.0
         self.events: list[str] = []
 
     def _linears(self) -> dict[str, torch.nn.Linear]:
@@ -176,7 +178,7 @@ class _Solver:
         return self.act.f(s) * z if self.gated else self.act.f(z)
 
     def _sparse_fit(self, name: str, tgt: torch.Tensor, inputs: torch.Tensor, hessian: torch.Tensor, first: bool):
-        w_star, events = (self.dense[name], []) if first else least_squares(tgt, inputs, hessian, self.m.ridge)
+        w_star, events = (self.dense[name], []) if first else least_squares(tgt, inputs, hessian, self.m.ridge, self.n)
         pruned = self.m.prune(w_star, hessian, self.target)
         self.events += [f"mlp.{name}: {e}" for e in (*events, *pruned.events)]
         self._linears()[name].weight.data.copy_(pruned.weight)
@@ -185,7 +187,7 @@ class _Solver:
         self._sparse_fit("up", self.z - self.b1, self.x, self.hx, first)
         if self.gated:
             self._sparse_fit("gate", self.s, self.x, self.hx, first)
-        self.hp = gram(self.p)  # evaluate() reuses it: P is unchanged until the next p-step
+        self.hp = gram(self.p, self.n)  # evaluate() reuses it: P is unchanged until the next p-step
         self._sparse_fit("down", self.y - self.b2, self.p, self.hp, first)
 
     def evaluate(self) -> tuple[float, float]:
@@ -195,21 +197,23 @@ class _Solver:
         (Y - b2) Wd. The output term ||Y - b2 - P Wd^T||^2 is expanded as ||Y - b2||^2 - 2 <(Y - b2) Wd, P>
         + N <Wd^T Wd, P^T P / N>, so it costs no N x d x f product of its own.
         """
-        wu, wd = self.mlp.up.weight.data, self.mlp.down.weight.data
+        wu, wd = self.mlp.up.weight.data.float(), self.mlp.down.weight.data.float()
+        wg = self.mlp.gate.weight.data.float() if self.gated else None
         err = obj = cross = 0.0
         for sl in _chunks(self.x.shape[0]):
             x, z, p, y = self.x[sl], self.z[sl], self.p[sl], self.y[sl]
             self.up_out[sl] = m = x @ wu.T + self.b1
             obj += self.a_z * (z - m).pow(2).sum().item()
             if self.gated:
-                self.gate_out[sl] = n = x @ self.mlp.gate.weight.data.T
+                self.gate_out[sl] = n = x @ wg.T
                 obj += self.a_s * (self.s[sl] - n).pow(2).sum().item()
             err += (y - self._hidden(m, n if self.gated else None) @ wd.T - self.b2).pow(2).sum().item()
             obj += self.g * (p - self._hidden(z, self.s[sl] if self.gated else None)).pow(2).sum().item()
             self.y_wd[sl] = ywd = (y - self.b2) @ wd
             cross += (ywd * p).sum().item()
-        output_term = self.y_sq - 2 * cross + self.x.shape[0] * (wd.T @ wd * self.hp).sum().item()
-        return err / self.y.pow(2).sum().item(), obj + self.b * output_term
+        err, obj, cross = parallel.all_sum_floats(err, obj, cross)
+        output_term = self.y_sq - 2 * cross + self.n * (wd.T @ wd * self.hp).sum().item()
+        return err / self.y_norm, obj + self.b * output_term
 
     def p_step(self) -> None:
         """P = (b Wd^T Wd + g I)^-1 (b Wd^T (Y - b2) + g h(Z, S)), by Woodbury on Wd Wd^T (d x d)."""

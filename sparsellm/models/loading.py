@@ -103,7 +103,12 @@ def _cached_from_gguf(path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=folder.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process (a data-parallel rank) made it first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "config.json").exists():
+            raise
     return folder
 
 
@@ -127,14 +132,39 @@ def resolve(name_or_path: str) -> Path | str:
     return name_or_path
 
 
-def load(name_or_path: str):
-    """(model in fp32 eval mode on CPU, tokenizer)."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device_for(name: str) -> torch.device:
+    """'cpu', 'cuda' (or 'cuda:N') or 'auto' (CUDA when there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"unknown --device '{name}'; use cpu, cuda, cuda:N or auto") from e
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported --device '{name}'; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no CUDA device here; use --device cpu (or auto)")
+    return device
+
+
+def dtype_for(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"unknown --dtype '{name}'; choose from: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load(name_or_path: str, device: str = "cpu", dtype: str = "float32"):
+    """(model in eval mode on `device` with weights in `dtype`, tokenizer). Statistics stay fp32 regardless."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    target_device, target_dtype = device_for(device), dtype_for(dtype)
     source = resolve(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=target_dtype)
     except OSError as e:
         raise UserError(f"cannot load model '{name_or_path}': {str(e).splitlines()[0]}") from e
     embeddings = model.get_input_embeddings().num_embeddings
@@ -143,6 +173,6 @@ def load(name_or_path: str):
             f"the tokenizer of '{name_or_path}' has {len(tokenizer)} tokens but the model embeds only {embeddings}: "
             "they do not belong together; put the model's own tokenizer files beside its weights"
         )
-    model.eval()
+    model.to(target_device).eval()
     model.config.use_cache = False
     return model, tokenizer
