@@ -16,6 +16,7 @@ from torch import nn
 from .data import texts
 from .engine import parallel
 from .engine.checkpoint import Checkpoint
+from .engine.layers import LayerIO
 from .engine.sequential import EngineOptions, prune_model
 from .errors import UserError
 from .eval.perplexity import perplexity
@@ -143,45 +144,71 @@ def versions() -> dict:
     }
 
 
-def sparsity_summary(
-    model: nn.Module, adapter: Adapter, layer_ids: list[int], dense_zeros: dict[str, int], target: Target
-) -> dict:
-    """Measured zeros of every pruned matrix, with the dense model's own zeros beside them."""
-    per_layer, total, zeros, dense = {}, 0, 0, 0
+def layer_zeros(adapter: Adapter, i: int, layer: nn.Module) -> dict[str, tuple[int, int]]:
+    """{"layers.i.path": (numel, zeros)} of the layer's prunable matrices."""
+    return {
+        f"layers.{i}.{path}": (linear.weight.numel(), int((linear.weight == 0).sum()))
+        for path, linear in adapter.linears(layer).items()
+    }
+
+
+def model_zeros(model: nn.Module, adapter: Adapter, layer_ids: list[int]) -> dict[str, tuple[int, int]]:
     decoder = adapter.decoder_layers(model)
-    for i in layer_ids:
-        for path, linear in adapter.linears(decoder[i]).items():
-            name = f"layers.{i}.{path}"
-            numel = linear.weight.numel()
-            z = int((linear.weight == 0).sum())
-            per_layer[name] = {"numel": numel, "zeros": z, "dense_zeros": dense_zeros[name], "measured": z / numel}
-            total, zeros, dense = total + numel, zeros + z, dense + dense_zeros[name]
+    return {k: v for i in layer_ids for k, v in layer_zeros(adapter, i, decoder[i]).items()}
+
+
+class ZeroTally(LayerIO):
+    """Counts the zeros of each pruned layer's matrices as its turn starts and ends (a streamed model is
+    never whole, so they cannot be counted afterwards)."""
+
+    def __init__(self, adapter: Adapter, layer_ids: list[int], inner: LayerIO):
+        self.adapter, self.layer_ids, self.inner = adapter, set(layer_ids), inner
+        self.before: dict[str, tuple[int, int]] = {}
+        self.after: dict[str, tuple[int, int]] = {}
+
+    def enter(self, i: int, layer: nn.Module) -> None:
+        self.inner.enter(i, layer)
+        if i in self.layer_ids:
+            self.before.update(layer_zeros(self.adapter, i, layer))
+
+    def leave(self, i: int, layer: nn.Module) -> None:
+        if i in self.layer_ids:
+            self.after.update(layer_zeros(self.adapter, i, layer))
+        self.inner.leave(i, layer)
+
+
+def sparsity_summary(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], target: Target) -> dict:
+    """Measured zeros of every pruned matrix, with the dense model's own zeros beside them."""
+    per_matrix = {
+        name: {"numel": numel, "zeros": z, "dense_zeros": before[name][1], "measured": z / numel}
+        for name, (numel, z) in after.items()
+    }
+    total = sum(m["numel"] for m in per_matrix.values())
+    zeros = sum(m["zeros"] for m in per_matrix.values())
+    dense = sum(m["dense_zeros"] for m in per_matrix.values())
     return {
         "target": str(target),
         "target_fraction": target.fraction,
         "measured": zeros / max(total, 1),
         "dense_zeros": dense / max(total, 1),
         "kept_over_total": f"{total - zeros}/{total}",
-        "per_matrix": per_layer,
-    }
-
-
-def count_zeros(model: nn.Module, adapter: Adapter, layer_ids: list[int]) -> dict[str, int]:
-    decoder = adapter.decoder_layers(model)
-    return {
-        f"layers.{i}.{path}": int((linear.weight == 0).sum())
-        for i in layer_ids
-        for path, linear in adapter.linears(decoder[i]).items()
+        "per_matrix": per_matrix,
     }
 
 
 def prune(
-    model: nn.Module, tokenizer, config: PruneConfig, progress: bool = True, checkpoint_dir: Path | None = None
+    model: nn.Module,
+    tokenizer,
+    config: PruneConfig,
+    progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    io: LayerIO | None = None,
 ) -> Report:
     """Prune `model` in place as `config` says; return what was done and measured.
 
     With `checkpoint_dir`, the run's state is saved there after every decoder layer, and a run that finds a
     checkpoint of the same arguments there continues from it (the caller removes it once the result is safe).
+    With `io` (models.streaming), the decoder layers are loaded and written one at a time.
     """
     t_start = time.perf_counter()
     adapter = adapter_for(model)
@@ -199,7 +226,10 @@ def prune(
     corpus = texts.corpus(config.calib, "train", online=texts.default_online())
     calib = texts.calibration(tokenizer, corpus, nsamples, seqlen, config.seed)
     t_data = time.perf_counter()
-    dense_zeros = count_zeros(model, adapter, layer_ids)
+    streamed = io is not None
+    tally = ZeroTally(adapter, layer_ids, io or LayerIO())
+    if not streamed:  # the whole model is here: count now, so layers restored from a checkpoint count too
+        tally.before = model_zeros(model, adapter, layer_ids)
     opts = EngineOptions(
         batch_size=config.batch_size,
         true_sequential=config.true_sequential,
@@ -212,7 +242,9 @@ def prune(
         checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model, run, calib_sha))
     resumed = checkpoint is not None and checkpoint.exists()
     local = calib[parallel.shard(calib.shape[0])]  # data parallel: this rank's samples (all of them alone)
-    logs = prune_model(model, adapter, method, target, local, set(layer_ids), opts, progress, checkpoint)
+    logs = prune_model(model, adapter, method, target, local, set(layer_ids), opts, progress, checkpoint, tally)
+    if not streamed:
+        tally.after = model_zeros(model, adapter, layer_ids)
     t_prune = time.perf_counter()
     events = [e for log in logs for e in log.events]
     return Report(
@@ -228,7 +260,7 @@ def prune(
             "resumed": resumed,
             "ranks": parallel.world(),
         },
-        sparsity=sparsity_summary(model, adapter, layer_ids, dense_zeros, target),
+        sparsity=sparsity_summary(tally.before, tally.after, target),
         layers=[asdict(log) for log in logs],
         timing={"data_s": t_data - t_start, "prune_s": t_prune - t_data},
         data={
@@ -295,8 +327,12 @@ def evaluate(
     protocol_name: str = "quick",
     seqlen: int | None = None,
     progress: bool = True,
+    io: LayerIO | None = None,
 ) -> tuple[dict[str, float], dict]:
-    """Perplexity per dataset under a protocol, and the data used (source, sha256, windows)."""
+    """Perplexity per dataset under a protocol, and the data used (source, sha256, windows).
+
+    With `io` (models.streaming), the decoder layers are loaded one at a time.
+    """
     adapter = adapter_for(model)
     proto = protocol(protocol_name)
     seqlen = seqlen_for(model, proto, seqlen)
@@ -305,6 +341,7 @@ def evaluate(
     for name in datasets:
         corpus = texts.corpus(name, "test", online=texts.default_online())
         windows = texts.eval_windows(tokenizer, corpus, seqlen, proto.max_windows)
-        results[name] = perplexity(model, adapter, windows[parallel.shard(windows.shape[0])], progress=progress)
+        local = windows[parallel.shard(windows.shape[0])]  # data parallel: this rank's windows
+        results[name] = perplexity(model, adapter, local, progress=progress, io=io)
         data[name] = {"source": corpus.source, "sha256": corpus.sha256, "windows": windows.shape[0], "seqlen": seqlen}
     return results, data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,12 @@ class _Parser(argparse.ArgumentParser):
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (statistics are fp32 on any device)")
     p.add_argument("--dtype", default="float32", help="weights and activations: float32, bfloat16 or float16")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="never hold the whole model: read one decoder layer at a time from the safetensors files "
+        "(and write pruned layers as they finish); memory is one layer plus activations",
+    )
     p.add_argument(
         "--protocol",
         default="quick",
@@ -121,24 +128,28 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise UserError(f"cannot write to {parent}; choose another --out")
 
 
-def _save_atomically(model, tokenizer, report: dict, out: Path) -> None:
-    """Write into a temporary sibling folder, then rename it into place: never a half-written folder."""
-    from .inspection import sha256_file
-    from .plots import write_plots
-
+@contextlib.contextmanager
+def _output_folder(out: Path):
+    """A temporary sibling of `out` to write into, renamed into place when the block succeeds: an interrupted
+    or failed run never leaves a folder that looks finished."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        report["files_sha256"] = {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}
-        (tmp / "report.json").write_text(json.dumps(report, indent=1))
-        write_plots(report, tmp / "plots")
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_report(folder: Path, report: dict) -> None:
+    from .inspection import sha256_file
+    from .plots import write_plots
+
+    report["files_sha256"] = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
+    (folder / "report.json").write_text(json.dumps(report, indent=1))
+    write_plots(report, folder / "plots")
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -207,25 +218,10 @@ def _manifest(args, report) -> dict:
     }
 
 
-def cmd_prune(args) -> int:
+def _prune_config(args):
     from . import api
-    from .engine import parallel
     from .eval import zeroshot
-    from .models import loading
 
-    out = Path(args.out)
-    _check_output(out, args.overwrite)
-    checkpoint_dir = out.with_name(out.name + ".checkpoint")
-    if parallel.world() > 1:
-        if args.resume:
-            raise UserError("--resume is not supported under torchrun yet; rerun with one process")
-        checkpoint_dir = None  # each rank holds different activations: no single checkpoint (see README)
-    elif checkpoint_dir.exists() and not args.resume:
-        if not args.overwrite:
-            raise UserError(
-                f"an interrupted run left {checkpoint_dir}; pass --resume to continue it or --overwrite to start over"
-            )
-        shutil.rmtree(checkpoint_dir)
     config = api.PruneConfig(
         method=args.method,
         sparsity=args.sparsity,
@@ -243,6 +239,32 @@ def cmd_prune(args) -> int:
     api.protocol(args.protocol)
     api.check_datasets(_datasets(args.eval))
     zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
+    return config
+
+
+def _checkpoint_dir(args, out: Path) -> Path | None:
+    from .engine import parallel
+
+    checkpoint_dir = out.with_name(out.name + ".checkpoint")
+    if parallel.world() > 1 or args.stream:
+        if args.resume:
+            raise UserError("--resume works for one process without --stream only (not yet with torchrun or --stream)")
+        return None  # ranks hold different activations; a streamed run has no whole model to restore into
+    if checkpoint_dir.exists() and not args.resume:
+        if not args.overwrite:
+            raise UserError(
+                f"an interrupted run left {checkpoint_dir}; pass --resume to continue it or --overwrite to start over"
+            )
+        shutil.rmtree(checkpoint_dir)
+    return checkpoint_dir
+
+
+def _prune_in_memory(args, config, out: Path, checkpoint_dir: Path | None) -> dict | None:
+    """Load, prune, evaluate and save the whole model; the report (None on ranks other than 0)."""
+    from . import api
+    from .engine import parallel
+    from .models import loading
+
     t0 = time.perf_counter()
     model, tokenizer = loading.load(args.model, args.device, args.dtype)
     load_s = time.perf_counter() - t0
@@ -250,8 +272,9 @@ def cmd_prune(args) -> int:
     report.timing["load_s"] = load_s
     if args.eval:
         t1 = time.perf_counter()
-        report.perplexity, eval_data = api.evaluate(model, tokenizer, _datasets(args.eval), args.protocol, args.seqlen)
-        report.data["evaluation"] = eval_data
+        report.perplexity, report.data["evaluation"] = api.evaluate(
+            model, tokenizer, _datasets(args.eval), args.protocol, args.seqlen
+        )
         report.timing["eval_s"] = time.perf_counter() - t1
     if args.tasks:
         t1 = time.perf_counter()
@@ -259,23 +282,75 @@ def cmd_prune(args) -> int:
         report.timing["zeroshot_s"] = time.perf_counter() - t1
     report.peak_rss_mb = api.peak_rss_mb()
     if not parallel.is_main():  # the ranks computed the same model; rank 0 alone writes and reports
-        return 0
+        return None
+    result = _result(args, report)
+    with _output_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_report(tmp, result)
+    return result
+
+
+def _prune_streamed(args, config, out: Path) -> dict:
+    """Prune a model one decoder layer at a time, from its safetensors files into the output folder's."""
+    from . import api
+    from .engine import parallel
+    from .models import loading, streaming
+    from .models.adapters import adapter_for
+
+    if parallel.world() > 1 or args.tasks:
+        raise UserError("--stream runs in one process and without --tasks (lm-eval needs the whole model)")
+    t0 = time.perf_counter()
+    model, tokenizer, weights = loading.load_streamed(args.model, args.device, args.dtype)
+    load_s = time.perf_counter() - t0
+    with _output_folder(out) as tmp:
+        layers = streaming.StreamedLayers(model, adapter_for(model), weights, out=tmp)
+        report = api.prune(model, tokenizer, config, io=layers)
+        layers.finish()
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        report.timing["load_s"] = load_s
+        if args.eval:  # read the pruned layers back from the folder just written, one at a time
+            t1 = time.perf_counter()
+            pruned, pruned_weights = streaming.load_streamed(tmp, model.dtype, next(model.parameters()).device)
+            report.perplexity, report.data["evaluation"] = api.evaluate(
+                pruned, tokenizer, _datasets(args.eval), args.protocol, args.seqlen,
+                io=streaming.StreamedLayers(pruned, adapter_for(pruned), pruned_weights),
+            )  # fmt: skip
+            report.timing["eval_s"] = time.perf_counter() - t1
+        report.peak_rss_mb = api.peak_rss_mb()
+        result = _result(args, report)
+        _write_report(tmp, result)
+    return result
+
+
+def _result(args, report) -> dict:
     result = report.to_dict()
     result["model"] = args.model
     result["manifest"] = _manifest(args, report)
-    _save_atomically(model, tokenizer, result, out)
+    return result
+
+
+def cmd_prune(args) -> int:
+    out = Path(args.out)
+    _check_output(out, args.overwrite)
+    checkpoint_dir = _checkpoint_dir(args, out)
+    config = _prune_config(args)
+    result = _prune_streamed(args, config, out) if args.stream else _prune_in_memory(args, config, out, checkpoint_dir)
+    if result is None:
+        return 0
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the result is in place: the checkpoint has served
     row = {
-        "method": report.method,
-        "target": report.sparsity["target"],
-        "measured": f"{report.sparsity['measured']:.4f}",
-        "prune s": f"{report.timing['prune_s']:.1f}",
-        "peak RSS MB": f"{report.peak_rss_mb:.0f}",
-        **{k: f"{v:.2f}" for k, v in report.perplexity.items()},
+        "method": result["method"],
+        "target": result["sparsity"]["target"],
+        "measured": f"{result['sparsity']['measured']:.4f}",
+        "prune s": f"{result['timing']['prune_s']:.1f}",
+        "peak RSS MB": f"{result['peak_rss_mb']:.0f}",
+        **{k: f"{v:.2f}" for k, v in result["perplexity"].items()},
     }
-    if report.zeroshot:
-        row["zero-shot mean acc"] = f"{report.zeroshot['mean_acc']:.4f} (limit {report.zeroshot['limit']})"
+    if result["zeroshot"]:
+        row["zero-shot mean acc"] = f"{result['zeroshot']['mean_acc']:.4f} (limit {result['zeroshot']['limit']})"
     print(_table([row], list(row)))
     print(f"saved {out}/ (report.json inside)")
     return 0
@@ -293,11 +368,21 @@ def cmd_eval(args) -> int:
     api.protocol(args.protocol)
     api.check_datasets(datasets)
     zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
-    model, tokenizer = loading.load(args.model, args.device, args.dtype)
+    io = None
+    if args.stream:
+        from .models import streaming
+        from .models.adapters import adapter_for
+
+        if args.tasks:
+            raise UserError("--stream evaluates perplexity only: lm-eval (--tasks) needs the whole model")
+        model, tokenizer, weights = loading.load_streamed(args.model, args.device, args.dtype)
+        io = streaming.StreamedLayers(model, adapter_for(model), weights)
+    else:
+        model, tokenizer = loading.load(args.model, args.device, args.dtype)
     result = {"model": args.model, "protocol": args.protocol, "perplexity": {}, "zeroshot": {}, "data": {}}
     if datasets:
         result["perplexity"], result["data"]["evaluation"] = api.evaluate(
-            model, tokenizer, datasets, args.protocol, args.seqlen
+            model, tokenizer, datasets, args.protocol, args.seqlen, io=io
         )
     if args.tasks:
         result["zeroshot"], result["data"]["zeroshot"] = _zeroshot(args, model, tokenizer)

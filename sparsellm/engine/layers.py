@@ -17,6 +17,17 @@ from torch import nn
 from ..models.adapters import Adapter
 
 
+class LayerIO:
+    """Hooks around each decoder layer's turn: `enter` before it is used, `leave` once the engine is done with
+    it. The default keeps the whole model in memory; models.streaming loads and writes layers here."""
+
+    def enter(self, i: int, layer: nn.Module) -> None:
+        pass
+
+    def leave(self, i: int, layer: nn.Module) -> None:
+        pass
+
+
 class StopForward(Exception):
     """Raised by a hook once it has what it needs, so the rest of a forward pass is skipped."""
 

@@ -23,7 +23,7 @@ from ..methods.base import Method, Target
 from ..models.adapters import Adapter, Site, submodule
 from . import parallel
 from .checkpoint import Checkpoint
-from .layers import StopForward, call_layer, capture, run_layer
+from .layers import LayerIO, StopForward, call_layer, capture, run_layer
 from .stats import recording
 
 
@@ -159,11 +159,14 @@ def prune_model(
     opts: EngineOptions,
     progress: bool = True,
     checkpoint: Checkpoint | None = None,
+    io: LayerIO | None = None,
 ) -> list[LayerLog]:
     """Prune the decoder layers in `layers` sequentially on calibration tokens [n, seqlen].
 
     With a `checkpoint`, the state is saved after every layer, and a run that finds one resumes from it.
+    `io` is told when each layer's turn starts and ends (streaming loads and writes layers there).
     """
+    io = io or LayerIO()
     inputs = capture(model, adapter, calib, opts.batch_size)
     decoder = adapter.decoder_layers(model)
     x, start, logs = inputs.hidden, 0, []
@@ -173,6 +176,7 @@ def prune_model(
     out = torch.empty_like(x)
     bar = tqdm(range(start, len(decoder)), desc=f"{method.name} {target}", unit="layer", disable=not progress)
     for i in bar:
+        io.enter(i, decoder[i])
         if i in layers:
             logs.append(prune_layer(decoder[i], adapter, method, target, x, inputs.kwargs[i], out, opts))
             logs[-1].index = i
@@ -181,4 +185,5 @@ def prune_model(
         x, out = out, x
         if checkpoint is not None:
             checkpoint.save(i, decoder[i], adapter, i in layers, x, logs)
+        io.leave(i, decoder[i])
     return logs

@@ -9,20 +9,28 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine import parallel
-from ..engine.layers import capture, run_layer
+from ..engine.layers import LayerIO, capture, run_layer
 from ..models.adapters import Adapter
 
 
 @torch.no_grad()
 def window_nll(
-    model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int = 4, progress: bool = False
+    model: nn.Module,
+    adapter: Adapter,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = False,
+    io: LayerIO | None = None,
 ) -> tuple[float, int]:
     """(summed next-token NLL, number of predicted tokens) over non-overlapping windows [n, seqlen]."""
+    io = io or LayerIO()
     inputs = capture(model, adapter, windows, batch_size)
     x = inputs.hidden
     decoder = adapter.decoder_layers(model)
     for i in tqdm(range(len(decoder)), desc="eval", unit="layer", disable=not progress, leave=False):
+        io.enter(i, decoder[i])
         run_layer(decoder[i], x, inputs.kwargs[i], batch_size, out=x)  # in place: each batch reads only itself
+        io.leave(i, decoder[i])
     total = 0.0
     for j in range(windows.shape[0]):  # one window at a time: the vocabulary-sized logits dominate memory
         logits = adapter.logits(model, x[j : j + 1])[0, :-1].float()
@@ -31,8 +39,13 @@ def window_nll(
 
 
 def perplexity(
-    model: nn.Module, adapter: Adapter, windows: torch.Tensor, batch_size: int = 4, progress: bool = False
+    model: nn.Module,
+    adapter: Adapter,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = False,
+    io: LayerIO | None = None,
 ) -> float:
     """exp(mean NLL) over the windows of every rank (each passes its own share)."""
-    nll, count = parallel.all_sum_floats(*window_nll(model, adapter, windows, batch_size, progress))
+    nll, count = parallel.all_sum_floats(*window_nll(model, adapter, windows, batch_size, progress, io))
     return math.exp(nll / count)

@@ -176,3 +176,20 @@ def load(name_or_path: str, device: str = "cpu", dtype: str = "float32"):
     model.to(target_device).eval()
     model.config.use_cache = False
     return model, tokenizer
+
+
+def load_streamed(name_or_path: str, device: str = "cpu", dtype: str = "float32"):
+    """(model with only its outer modules loaded, tokenizer, its safetensors weights): see models.streaming."""
+    from transformers import AutoTokenizer
+
+    from .streaming import load_streamed as build
+
+    source = resolve(name_or_path)
+    if not isinstance(source, Path):
+        raise UserError(f"--stream reads local safetensors files; download {name_or_path} to a folder first")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise UserError(f"cannot load the tokenizer of '{name_or_path}': {str(e).splitlines()[0]}") from e
+    model, weights = build(source, dtype_for(dtype), device_for(device))
+    return model, tokenizer, weights

@@ -1,0 +1,116 @@
+"""Models larger than memory: weights read one decoder layer at a time from the safetensors files, and
+pruned layers written out as they finish.
+
+The model is built with its parameters on the meta device (no memory; buffers such as rotary tables are
+real). The modules outside the decoder layers (embeddings, final norm, head) are loaded once; each decoder
+layer is loaded when the engine reaches it and dropped back to meta when it is done, after its tensors were
+written to their own shard of the output folder. Peak memory is then those outer modules, one layer, and the
+activations, whatever the number of layers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..engine.layers import LayerIO
+from ..errors import UserError
+from .adapters import Adapter
+
+
+class SafetensorsWeights:
+    """Where each tensor of a Hugging Face folder lives: model.safetensors, or the shards its index names."""
+
+    def __init__(self, folder: Path):
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {name: folder / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", "pt") as f:
+                self.files = {name: folder / "model.safetensors" for name in f.keys()}  # noqa: SIM118
+        else:
+            raise UserError(f"{folder} has no safetensors weights; streaming needs model.safetensors (or shards)")
+
+    def load(self, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.files:
+                raise UserError(f"tensor {name} is missing from the model's safetensors files")
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for file, keys in by_file.items():
+            with safe_open(file, "pt") as f:
+                for key in keys:
+                    out[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+        return out
+
+
+def layer_prefixes(model: nn.Module, adapter: Adapter) -> list[str]:
+    """The state-dict prefix of every decoder layer, e.g. "model.layers.3."."""
+    names = {id(m): name for name, m in model.named_modules()}
+    return [names[id(layer)] + "." for layer in adapter.decoder_layers(model)]
+
+
+class StreamedLayers(LayerIO):
+    """The engine's layer hooks for a meta-device model: load a layer on `enter`, write (if `out` is given)
+    and drop it on `leave`."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, weights: SafetensorsWeights, out: Path | None = None):
+        self.model, self.adapter, self.weights, self.out = model, adapter, weights, out
+        self.prefixes = layer_prefixes(model, adapter)
+        self.param = next(p for p in model.parameters() if not p.is_meta)  # dtype and device to load into
+        self.weight_map: dict[str, str] = {}
+
+    def enter(self, i: int, layer: nn.Module) -> None:
+        names = [self.prefixes[i] + k for k in layer.state_dict()]
+        tensors = self.weights.load(names, self.param.dtype, self.param.device)
+        layer.load_state_dict({k[len(self.prefixes[i]) :]: v for k, v in tensors.items()}, assign=True)
+
+    def leave(self, i: int, layer: nn.Module) -> None:
+        if self.out is not None:
+            shard = f"layer-{i:05d}.safetensors"
+            tensors = {self.prefixes[i] + k: v.contiguous() for k, v in layer.state_dict().items()}
+            save_file(tensors, self.out / shard, metadata={"format": "pt"})
+            self.weight_map.update(dict.fromkeys(tensors, shard))
+        layer.to("meta")
+
+    def finish(self) -> None:
+        """Write the modules outside the layers and the shard index: the folder is then a complete model."""
+        layers = tuple(self.prefixes)
+        outer = {k: v.contiguous() for k, v in self.model.state_dict().items() if not k.startswith(layers)}
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            outer = {k: v for k, v in outer.items() if k != "lm_head.weight"}
+        save_file(outer, self.out / "outer.safetensors", metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(outer, "outer.safetensors"))
+        index = {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+def load_streamed(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, SafetensorsWeights]:
+    """The model of `folder` with only its outer modules loaded; the decoder layers stay on meta."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .adapters import adapter_for
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weights = SafetensorsWeights(folder)
+    layers = tuple(layer_prefixes(model, adapter_for(model)))
+    outer = [k for k in model.state_dict() if not k.startswith(layers)]
+    if getattr(config, "tie_word_embeddings", False):
+        outer = [k for k in outer if k != "lm_head.weight" or k in weights.files]
+    model.load_state_dict(weights.load(outer, dtype, device), strict=False, assign=True)
+    model.tie_weights()
+    for module in model.modules():  # buffers (rotary tables) were built real, on the CPU
+        for name, buf in module.named_buffers(recurse=False):
+            module._buffers[name] = buf.to(device)
+    model.eval()
+    model.config.use_cache = False
+    return model, weights
