@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,6 +100,8 @@ class PruneConfig:
     batch_size: int = 8
     dense_attention_mlp_input: bool = False  # SparseLLM: the reference code's MLP input (before attention pruning)
     method_options: dict = field(default_factory=dict)  # e.g. SparseLLM's rounds, alpha, beta, gamma
+    max_memory: int | None = None  # bytes of RAM for layer inputs/outputs (default: half the RAM); beyond: disk
+    offload_dir: str | None = None  # where offloaded activations go (default: the temporary folder)
 
     def target(self) -> Target:
         if (self.sparsity is None) == (self.nm is None):
@@ -126,7 +130,13 @@ class Report:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident memory, MiB. Linux: VmHWM of its own address space; ru_maxrss would also
+    count the RSS of the parent it was forked from (the kernel carries it across exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 def versions() -> dict:
@@ -230,10 +240,13 @@ def prune(
     tally = ZeroTally(adapter, layer_ids, io or LayerIO())
     if not streamed:  # the whole model is here: count now, so layers restored from a checkpoint count too
         tally.before = model_zeros(model, adapter, layer_ids)
+    local = calib[parallel.shard(calib.shape[0])]  # data parallel: this rank's samples (all of them alone)
+    activations = _activation_plan(model, local, config)
     opts = EngineOptions(
         batch_size=config.batch_size,
         true_sequential=config.true_sequential,
         dense_attention_mlp_input=config.dense_attention_mlp_input,
+        offload_dir=Path(activations["offload_dir"]) if activations["offload_dir"] else None,
     )
     calib_sha = tensor_sha256(calib.to(torch.int64))
     checkpoint = None
@@ -241,7 +254,6 @@ def prune(
         run = {**asdict(config), "seqlen": seqlen, "nsamples": nsamples, "layers": layer_ids}
         checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model, run, calib_sha))
     resumed = checkpoint is not None and checkpoint.exists()
-    local = calib[parallel.shard(calib.shape[0])]  # data parallel: this rank's samples (all of them alone)
     logs = prune_model(model, adapter, method, target, local, set(layer_ids), opts, progress, checkpoint, tally)
     if not streamed:
         tally.after = model_zeros(model, adapter, layer_ids)
@@ -259,6 +271,7 @@ def prune(
             "family": adapter.family,
             "resumed": resumed,
             "ranks": parallel.world(),
+            "activations": activations,
         },
         sparsity=sparsity_summary(tally.before, tally.after, target),
         layers=[asdict(log) for log in logs],
@@ -280,6 +293,23 @@ def prune(
         peak_rss_mb=peak_rss_mb(),
         versions=versions(),
     )
+
+
+def default_max_memory() -> int:
+    """Half the machine's RAM."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def _activation_plan(model: nn.Module, local: torch.Tensor, config: PruneConfig) -> dict:
+    """Where this rank's layer inputs and outputs (2 x samples x seqlen x hidden) live: RAM, or a file."""
+    param = next(p for p in model.parameters() if not p.is_meta)
+    nbytes = 2 * local.numel() * model.config.hidden_size * param.element_size()
+    limit = config.max_memory if config.max_memory is not None else default_max_memory()
+    offload = nbytes > limit and param.device.type == "cpu"
+    folder = Path(config.offload_dir or tempfile.gettempdir())
+    if offload and not (folder.is_dir() and os.access(folder, os.W_OK)):
+        raise UserError(f"--offload-dir {folder} is not a writable folder")
+    return {"bytes": nbytes, "max_memory": limit, "offload_dir": str(folder) if offload else None}
 
 
 def _check_nm_width(model: nn.Module, adapter: Adapter, layer_ids: list[int], target: Target) -> None:

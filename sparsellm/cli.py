@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prune q,k,v -> o -> gate,up -> down in turn, recomputing each group's inputs",
     )
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--max-memory",
+        help="RAM for the calibration activations (layer inputs and outputs), e.g. 8GB; beyond it they are "
+        "memory-mapped from a file in --offload-dir (default: half the machine's RAM)",
+    )
+    p.add_argument("--offload-dir", help="folder for offloaded activations (default: the system's temporary folder)")
     s = p.add_argument_group("SparseLLM (--method sparsellm)")
     s.add_argument("--rounds", type=int, help="alternating rounds per MLP (round 1 = SparseGPT)")
     s.add_argument("--alpha", type=float, help="weight of the up/gate terms (each term is normalised per layer)")
@@ -187,6 +193,19 @@ def _zeroshot_rows(summary: dict) -> list[dict]:
     return rows
 
 
+def _bytes(text: str) -> int:
+    """'24GB', '512MiB', '1e9' -> bytes."""
+    units = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    number = text.upper().removesuffix("B").rstrip("KMGTI")
+    try:
+        value = float(number) * units[text.upper().removesuffix("B")[len(number) :]]
+    except (KeyError, ValueError):
+        raise UserError(f"--max-memory {text!r}: give a size such as 8GB or 512MiB") from None
+    if value <= 0:
+        raise UserError("--max-memory must be positive")
+    return int(value)
+
+
 def _method_options(args) -> dict:
     options = {k: getattr(args, k) for k in ("rounds", "alpha", "beta", "gamma") if getattr(args, k) is not None}
     if (options or args.dense_attention_input) and args.method != "sparsellm":
@@ -234,6 +253,10 @@ def _prune_config(args):
         layers=args.layers,
         true_sequential=args.true_sequential,
         batch_size=args.batch_size,
+        dense_attention_mlp_input=args.dense_attention_input,
+        method_options=_method_options(args),
+        max_memory=_bytes(args.max_memory) if args.max_memory else None,
+        offload_dir=args.offload_dir,
     )
     config.target()  # validate before the slow load
     api.protocol(args.protocol)

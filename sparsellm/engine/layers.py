@@ -9,7 +9,12 @@ kwargs are recorded; no layer is ever asked to compute them itself.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,18 +37,56 @@ class StopForward(Exception):
     """Raised by a hook once it has what it needs, so the rest of a forward pass is skipped."""
 
 
+Alloc = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+
+
+def in_ram(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def on_disk(folder: Path) -> Alloc:
+    """Allocate CPU activations memory-mapped from a file in `folder` (unlinked at once, so nothing is left
+    behind): the OS keeps in RAM only the pages that fit and writes the rest to the file."""
+
+    def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return in_ram(shape, dtype, device)
+        fd, path = tempfile.mkstemp(dir=folder, prefix="sparsellm-activations-")
+        os.close(fd)
+        try:
+            return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+        finally:
+            os.unlink(path)
+
+    return alloc
+
+
+class _Sink:
+    """Writes the successive batches of layer-0 inputs into one tensor of n samples, made on the first batch."""
+
+    def __init__(self, n: int, alloc: Alloc):
+        self.n, self.alloc, self.filled = n, alloc, 0
+        self.tensor: torch.Tensor | None = None
+
+    def write(self, h: torch.Tensor) -> None:
+        if self.tensor is None:
+            self.tensor = self.alloc((self.n, *h.shape[1:]), h.dtype, h.device)
+        self.tensor[self.filled : self.filled + h.shape[0]] = h
+        self.filled += h.shape[0]
+
+
 class _Recorder(nn.Module):
     """Stands in for a decoder layer: records what it is given and passes the hidden states through."""
 
-    def __init__(self, index: int, last: bool, hidden: list[torch.Tensor], kwargs: list[dict], layer: nn.Module):
+    def __init__(self, index: int, last: bool, sink: _Sink, kwargs: list[dict], layer: nn.Module):
         super().__init__()
-        self.index, self.last, self.hidden, self.kwargs = index, last, hidden, kwargs
+        self.index, self.last, self.sink, self.kwargs = index, last, sink, kwargs
         if hasattr(layer, "attention_type"):
             self.attention_type = layer.attention_type
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.index == 0:
-            self.hidden.append(hidden_states.detach())  # in the model's dtype
+            self.sink.write(hidden_states.detach())  # in the model's dtype
         if len(self.kwargs) == self.index:
             self.kwargs.append(_static_kwargs(kwargs))
         if self.last:
@@ -65,18 +108,20 @@ class LayerInputs:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int) -> LayerInputs:
-    """Inputs of layer 0 for every row of `tokens` [n, seqlen].
+def capture(
+    model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int, alloc: Alloc = in_ram
+) -> LayerInputs:
+    """Inputs of layer 0 for every row of `tokens` [n, seqlen], in a tensor made by `alloc`.
 
     The kwargs are recorded from a batch of one sample, so they broadcast over any batch size.
     """
     layers = adapter.decoder_layers(model)
-    device = next(model.parameters()).device
-    hidden: list[torch.Tensor] = []
+    device = next(p for p in model.parameters() if not p.is_meta).device
+    sink = _Sink(tokens.shape[0], alloc)
     kwargs: list[dict] = []
     originals = list(layers)
     for i, layer in enumerate(originals):
-        layers[i] = _Recorder(i, i == len(originals) - 1, hidden, kwargs, layer)
+        layers[i] = _Recorder(i, i == len(originals) - 1, sink, kwargs, layer)
     try:
         starts = [0, *range(1, tokens.shape[0], batch_size)]
         for start, end in zip(starts, [*starts[1:], tokens.shape[0]], strict=False):
@@ -85,7 +130,7 @@ def capture(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
-    return LayerInputs(torch.cat(hidden), kwargs)
+    return LayerInputs(sink.tensor, kwargs)
 
 
 def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

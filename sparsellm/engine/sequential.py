@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from ..methods.base import Method, Target
 from ..models.adapters import Adapter, Site, submodule
 from . import parallel
 from .checkpoint import Checkpoint
-from .layers import LayerIO, StopForward, call_layer, capture, run_layer
+from .layers import LayerIO, StopForward, call_layer, capture, in_ram, on_disk, run_layer
 from .stats import recording
 
 
@@ -41,6 +42,7 @@ class EngineOptions:
     batch_size: int = 8
     true_sequential: bool = False
     dense_attention_mlp_input: bool = False  # SparseLLM: the reference code's variant
+    offload_dir: Path | None = None  # layer inputs/outputs memory-mapped from files here instead of RAM
 
 
 @torch.no_grad()
@@ -167,13 +169,15 @@ def prune_model(
     `io` is told when each layer's turn starts and ends (streaming loads and writes layers there).
     """
     io = io or LayerIO()
-    inputs = capture(model, adapter, calib, opts.batch_size)
+    alloc = on_disk(opts.offload_dir) if opts.offload_dir is not None else in_ram
+    inputs = capture(model, adapter, calib, opts.batch_size, alloc)
     decoder = adapter.decoder_layers(model)
     x, start, logs = inputs.hidden, 0, []
     if checkpoint is not None and checkpoint.exists():
-        start, x, saved = checkpoint.load(decoder, adapter)
+        start, restored, saved = checkpoint.load(decoder, adapter)
+        x.copy_(restored)
         logs = [LayerLog(**log) for log in saved]
-    out = torch.empty_like(x)
+    out = alloc(tuple(x.shape), x.dtype, x.device)
     bar = tqdm(range(start, len(decoder)), desc=f"{method.name} {target}", unit="layer", disable=not progress)
     for i in bar:
         io.enter(i, decoder[i])

@@ -1,0 +1,116 @@
+"""Scale: streamed (layer-by-layer) pruning and evaluation, activations on disk, and data parallelism under
+torchrun. Each must give exactly the model of the plain in-memory single-process run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from sparsellm.models import loading
+
+COMMON = ["--sparsity", "0.6", "--seqlen", "64", "--nsamples", "5", "--batch-size", "2", "--eval", "ptb"]
+
+
+def sparsellm(*args, ranks: int = 0) -> subprocess.CompletedProcess:
+    launcher = [sys.executable]
+    if ranks:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    r = subprocess.run([*launcher, "-m", "sparsellm", *map(str, args)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def report(folder) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
+def assert_same_model(a, b, atol: float = 0.0) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    for name, w in ta.items():
+        assert ((w == 0) == (tb[name] == 0)).all(), f"{name}: masks differ"
+        assert (w - tb[name]).abs().max().item() <= atol, name
+
+
+@pytest.fixture(scope="module")
+def in_memory(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("in-memory") / "sparsellm"
+    sparsellm("prune", tiny_folder, "--method", "sparsellm", *COMMON, "--out", out)
+    return out
+
+
+def test_streamed_pruning_and_evaluation_equal_the_in_memory_run(tiny_folder, in_memory, tmp_path):
+    out = tmp_path / "streamed"
+    sparsellm("prune", tiny_folder, "--method", "sparsellm", *COMMON, "--stream", "--out", out)
+    assert_same_model(in_memory, out)
+    assert len(list(out.glob("layer-*.safetensors"))) == 2 and (out / "model.safetensors.index.json").is_file()
+    assert report(out)["perplexity"] == report(in_memory)["perplexity"]
+    assert report(out)["sparsity"] == report(in_memory)["sparsity"]
+    model = AutoModelForCausalLM.from_pretrained(out)  # the sharded folder is a normal Hugging Face model
+    assert torch.equal(
+        model.model.layers[1].mlp.down_proj.weight, tensors(in_memory)["model.layers.1.mlp.down_proj.weight"]
+    )
+    streamed = json.loads(sparsellm("eval", out, "--datasets", "ptb", "--seqlen", "64", "--stream", "--json").stdout)
+    assert streamed["perplexity"]["ptb"] == pytest.approx(report(in_memory)["perplexity"]["ptb"], rel=1e-6)
+    assert sparsellm("inspect", out).returncode == 0
+
+
+def test_activations_offloaded_to_disk_give_the_same_model(tiny_folder, in_memory, tmp_path):
+    out = tmp_path / "offloaded"
+    sparsellm("prune", tiny_folder, "--method", "sparsellm", *COMMON, "--max-memory", "1KB",
+              "--offload-dir", tmp_path, "--out", out)  # fmt: skip
+    assert_same_model(in_memory, out)
+    assert report(out)["config"]["activations"]["offload_dir"] == str(tmp_path)
+    assert report(in_memory)["config"]["activations"]["offload_dir"] is None
+    assert not list(tmp_path.glob("sparsellm-activations-*"))  # the backing files are gone
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "sparsellm"])
+def test_two_gloo_ranks_give_the_single_process_result(method, tiny_folder, in_memory, tmp_path):
+    one = in_memory if method == "sparsellm" else tmp_path / "one"
+    if method != "sparsellm":
+        sparsellm("prune", tiny_folder, "--method", method, *COMMON, "--out", one)
+    r = sparsellm("prune", tiny_folder, "--method", method, *COMMON, "--out", tmp_path / "two", ranks=2)
+    two = tmp_path / "two"
+    assert r.stdout.count("saved ") == 1  # rank 0 alone reports and writes
+    assert_same_model(one, two, atol=1e-5)
+    assert [report(d)["config"]["ranks"] for d in (one, two)] == [1, 2]
+    assert report(two)["sparsity"]["measured"] == report(one)["sparsity"]["measured"]
+    assert report(two)["perplexity"]["ptb"] == pytest.approx(report(one)["perplexity"]["ptb"], rel=1e-5)
+    errors = [[layer["recon_error"] for layer in report(d)["layers"]] for d in (one, two)]
+    assert errors[1] == pytest.approx(errors[0], rel=1e-4)
+
+
+def random_llama(folder, layers: int):
+    tok = AutoTokenizer.from_pretrained(loading.resolve("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=2048, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_streamed_peak_memory_does_not_grow_with_the_number_of_layers(tmp_path):
+    """Same width, 4 vs 32 layers (16 MB each): streamed, peak RSS stays within 15%; in memory, it grows."""
+    rss = {}
+    for layers in (4, 32):
+        folder = random_llama(tmp_path / f"llama-{layers}", layers)
+        for mode in ("--stream", "--overwrite"):
+            out = tmp_path / f"out-{layers}{mode}"
+            sparsellm("prune", folder, "--method", "wanda", "--sparsity", "0.5", "--seqlen", "32", "--nsamples", "2",
+                      mode, "--out", out)  # fmt: skip
+            rss[layers, mode] = report(out)["peak_rss_mb"]
+    assert rss[32, "--stream"] < 1.15 * rss[4, "--stream"], rss
+    assert rss[32, "--overwrite"] > rss[4, "--overwrite"] + 300, rss  # 28 more layers of 16 MB, held at once
