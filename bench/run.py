@@ -43,6 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-run")
     ap.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
+    ap.add_argument(
+        "--zeroshot-limit",
+        type=int,
+        help="also score the seven zero-shot tasks (lm-eval) on the first N items each: the mean acc column",
+    )
     args = ap.parse_args(argv)
     if args.fast:
         args.methods, args.sparsities, args.all_datasets = "wanda,sparsegpt,sparsellm", "0.7,2:4", "none"
@@ -51,6 +56,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def datasets_for(args, target: str) -> tuple[str, ...]:
     return DATASETS_ALL if target in args.all_datasets.split(",") else ("wikitext2",)
+
+
+def zeroshot_args(args) -> list[str]:
+    return ["--tasks", "zeroshot", "--limit", str(args.zeroshot_limit)] if args.zeroshot_limit else []
+
+
+def mean_acc(report: dict) -> float | None:
+    return report["zeroshot"]["mean_acc"] if report.get("zeroshot") else None
 
 
 def target_args(target: str) -> list[str]:
@@ -84,6 +97,7 @@ def ours(args, method: str, target: str, calib_sha: str) -> dict:
     datasets = datasets_for(args, target)
     cmd = [sys.executable, "-m", "sparsellm", "prune", args.model, "--method", method, *target_args(target)]
     cmd += ["--protocol", args.protocol, "--eval", ",".join(datasets), "--out", str(args.out / name), "--overwrite"]
+    cmd += zeroshot_args(args)
     sh(cmd, args.out / f"{name}.log")
     report = json.loads((args.out / name / "report.json").read_text())
     if report["data"]["calibration"]["tokens_sha256"] != calib_sha:
@@ -94,6 +108,7 @@ def ours(args, method: str, target: str, calib_sha: str) -> dict:
         "target": target,
         "measured": report["sparsity"]["measured"],
         "perplexity": report["perplexity"],
+        "zeroshot_acc": mean_acc(report),
         "prune_s": report["timing"]["prune_s"],
         "peak_rss_mb": report["peak_rss_mb"],
         "recon_error": [layer["recon_error"] for layer in report["layers"]],
@@ -112,21 +127,23 @@ def peer(args, method: str, target: str, calib: Path) -> dict:
     run = json.loads((folder / "peer.json").read_text())
     datasets = datasets_for(args, target)
     cmd = [sys.executable, "-m", "sparsellm", "eval", str(folder), "--datasets", ",".join(datasets)]
-    cmd += ["--protocol", args.protocol, "--json"]
+    cmd += ["--protocol", args.protocol, "--json", *zeroshot_args(args)]
     evaluated = json.loads(subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout)
     measured = measured_sparsity(folder)
-    return {"toolkit": "llmcompressor", "method": method, "target": target, "measured": measured, **run, **evaluated}
+    return {"toolkit": "llmcompressor", "method": method, "target": target, "measured": measured,
+            "zeroshot_acc": mean_acc(evaluated), **run, **evaluated}  # fmt: skip
 
 
 def measured_sparsity(folder: Path) -> float:
     """Zeros over all decoder-layer linears of a saved model, counted as sparsellm counts its own."""
     import sparsellm
+    from sparsellm.api import model_zeros
     from sparsellm.models.adapters import adapter_for
 
     model, _ = sparsellm.load(str(folder))
     adapter = adapter_for(model)
-    weights = [lin.weight for layer in adapter.decoder_layers(model) for lin in adapter.linears(layer).values()]
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    counts = model_zeros(model, adapter, list(range(len(adapter.decoder_layers(model))))).values()
+    return sum(z for _, z in counts) / sum(n for n, _ in counts)
 
 
 def dense_and_floor(args, calib: Path) -> dict:
@@ -152,12 +169,9 @@ def dense_and_floor(args, calib: Path) -> dict:
     )
     every = sorted({d for t in args.sparsities.split(",") for d in datasets_for(args, t)})
     cmd = [sys.executable, "-m", "sparsellm", "eval", args.model, "--datasets", ",".join(every)]
-    dense = json.loads(
-        subprocess.run(
-            [*cmd, "--protocol", args.protocol, "--json"], capture_output=True, text=True, check=True, cwd=ROOT
-        ).stdout
-    )
-    return {**floor, "perplexity": dense["perplexity"]}
+    cmd += ["--protocol", args.protocol, "--json", *zeroshot_args(args)]
+    dense = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+    return {**floor, "perplexity": dense["perplexity"], "zeroshot_acc": mean_acc(dense)}
 
 
 def fmt(value, digits: int = 2) -> str:
@@ -167,11 +181,12 @@ def fmt(value, digits: int = 2) -> str:
 def table(rows: list[dict], dense: dict) -> str:
     """One line per run; ours beside llm-compressor's as ratios (perplexity on WikiText-2, seconds)."""
     peers = {(r["method"], r["target"]): r for r in rows if r["toolkit"] == "llmcompressor"}
-    head = "| toolkit | method | target | measured | WikiText-2 | PTB | C4 | prune s | x floor | peak RSS MB |"
-    lines = [head + " ppl ours/theirs | s ours/theirs |", "|" + "---|" * 12]
+    head = "| toolkit | method | target | measured | WikiText-2 | PTB | C4 | zero-shot acc | prune s | x floor |"
+    lines = [head + " peak RSS MB | ppl ours/theirs | s ours/theirs |", "|" + "---|" * 13]
     ppl = dense["perplexity"]
     lines.append(
-        f"| dense | | 0 | | {fmt(ppl.get('wikitext2'))} | {fmt(ppl.get('ptb'))} | {fmt(ppl.get('c4'))} |" + " | | | | |"
+        f"| dense | | 0 | | {fmt(ppl.get('wikitext2'))} | {fmt(ppl.get('ptb'))} | {fmt(ppl.get('c4'))} | "
+        f"{fmt(dense.get('zeroshot_acc'), 4)} |" + " | | | | |"
     )
     for r in rows:
         p, theirs = r["perplexity"], peers.get((r["method"], r["target"])) if r["toolkit"] == "sparsellm" else None
@@ -179,7 +194,8 @@ def table(rows: list[dict], dense: dict) -> str:
         ratio_s = r["prune_s"] / theirs["prune_s"] if theirs else None
         lines.append(
             f"| {r['toolkit']} | {r['method']} | {r['target']} | {fmt(r.get('measured'), 4)} | "
-            f"{fmt(p.get('wikitext2'))} | {fmt(p.get('ptb'))} | {fmt(p.get('c4'))} | {fmt(r['prune_s'], 0)} | "
+            f"{fmt(p.get('wikitext2'))} | {fmt(p.get('ptb'))} | {fmt(p.get('c4'))} | {fmt(r.get('zeroshot_acc'), 4)} | "
+            f"{fmt(r['prune_s'], 0)} | "
             f"{fmt(r['prune_s'] / dense['floor_s'], 1)} | {fmt(r['peak_rss_mb'], 0)} | {fmt(ratio_ppl, 3)} | "
             f"{fmt(ratio_s, 2)} |"
         )
@@ -256,7 +272,14 @@ def main() -> None:
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))
     text = (
         f"### {args.model}, protocol {args.protocol}, {started}\n\n`{result['command']}` on {result['machine']};"
-        f" floor (two dense forward passes of the calibration set) {dense['floor_s']:.1f} s.\n\n"
+        f" floor (two dense forward passes of the calibration set) {dense['floor_s']:.1f} s."
+        + (
+            f" Zero-shot acc: mean `acc` over the seven tasks, first {args.zeroshot_limit} items each"
+            " (HellaSwag from the bundled preprocessed copy, not lm-eval-exact)."
+            if args.zeroshot_limit
+            else ""
+        )
+        + "\n\n"
         + table(rows, dense)
         + "\n"
     )
