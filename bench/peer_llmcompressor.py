@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +29,12 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 MODIFIERS = {"sparsegpt": SparseGPTModifier, "wanda": WandaPruningModifier}
+
+
+def peak_rss_mb() -> float:
+    """VmHWM, as sparsellm reports it (ru_maxrss would include the RSS of the bench process that forked us)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def main() -> None:
@@ -63,7 +68,7 @@ def main() -> None:
             shutil.copy(f, args.out / f.name)
     run = {
         "prune_s": prune_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "versions": {
             "llmcompressor": llmcompressor.__version__,
             "transformers": transformers.__version__,
