@@ -129,3 +129,18 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path):
     for command in (["prune", str(folder), "--sparsity", "0.5", "--out", str(tmp_path / "o")], ["eval", str(folder)]):
         r = run(*command)
         assert r.returncode == 2 and "do not belong together" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sparsellm_options_reach_the_solver(tiny_folder, tmp_path):
+    """--rounds/--alpha/... were once parsed and silently dropped: the report must show them used."""
+    out = tmp_path / "two-rounds"
+    args = ["--method", "sparsellm", "--sparsity", "0.5", "--seqlen", "64", "--nsamples", "2"]
+    r = run("prune", str(tiny_folder), *args, "--rounds", "2", "--beta", "5", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["method_options"] == {"rounds": 2, "beta": 5.0}
+    assert all(len(layer["mlp"]["objective"]) == 2 for layer in report["layers"])
+    r = run("prune", str(tiny_folder), *args, "--rounds", "0", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--rounds must be at least 1" in r.stderr
+    r = run("prune", str(tiny_folder), "--method", "wanda", *args[2:], "--rounds", "2", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "apply to --method sparsellm only" in r.stderr
