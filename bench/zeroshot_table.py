@@ -20,20 +20,19 @@ def results(folder: Path) -> dict[str, dict]:
 
 
 def main(folder: Path) -> None:
-    rows = results(folder)
-    print("| model | " + " | ".join(PAPER_TASKS) + " | mean acc | limit |")
-    print("|---" * (len(PAPER_TASKS) + 3) + "|")
-    for name, r in sorted(rows.items(), key=lambda kv: (kv[0] != "dense", kv[0])):
-        tasks = r["zeroshot"]["tasks"]
-        cells = []
-        for t in PAPER_TASKS:
-            m = tasks.get(t)
-            cells.append("" if m is None else f"{100 * m['acc']:.1f} ± {100 * m['acc_stderr']:.1f}")
-        print(
-            f"| {name} | "
-            + " | ".join(cells)
-            + f" | {100 * r['zeroshot']['mean_acc']:.2f} | {r['zeroshot']['limit']} |"
-        )
+    rows = sorted(results(folder).items(), key=lambda kv: (kv[0] != "dense", kv[0]))
+    for metric in ("acc", "acc_norm"):
+        tasks = [t for t in PAPER_TASKS if any(metric in r["zeroshot"]["tasks"].get(t, {}) for _, r in rows)]
+        mean = " mean acc | limit |" if metric == "acc" else ""
+        print(f"\n{metric}, % ± standard error\n\n| model | " + " | ".join(tasks) + " |" + mean)
+        print("|---" * (len(tasks) + 1 + 2 * bool(mean)) + "|")
+        for name, r in rows:
+            cells = []
+            for t in tasks:
+                m = r["zeroshot"]["tasks"].get(t, {})
+                cells.append(f"{100 * m[metric]:.1f} ± {100 * m[metric + '_stderr']:.1f}" if metric in m else "")
+            tail = f" {100 * r['zeroshot']['mean_acc']:.2f} | {r['zeroshot']['limit']} |" if mean else ""
+            print(f"| {name} | " + " | ".join(cells) + " |" + tail)
 
 
 if __name__ == "__main__":
