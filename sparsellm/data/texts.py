@@ -48,7 +48,7 @@ class Corpus:
     sha256: str
 
 
-def _read(path: Path) -> str:
+def read(path: Path) -> str:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8", newline="") as f:
         return f.read()
@@ -85,7 +85,7 @@ def rows(name: str, split: str, online: bool = False) -> tuple[list[str], str]:
             f"no bundled {split} split for '{name}' (WikiText-2 train is not redistributable here); "
             "use --calib c4, --calib ptb or a local .txt/.jsonl file"
         )
-    return _rows_from_text(name, _read(BUNDLED / _OFFLINE_FILES[key])), "bundled"
+    return _rows_from_text(name, read(BUNDLED / _OFFLINE_FILES[key])), "bundled"
 
 
 def _sha(texts: list[str]) -> str:
@@ -114,7 +114,7 @@ def _file_corpus(path_str: str) -> Corpus:
     if not path.is_file():
         raise UserError(f"data file not found: {path} (expected wikitext2, ptb, c4, or a .txt/.jsonl file)")
     try:
-        text = _read(path)
+        text = read(path)
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
         raise UserError(f"{path} is not UTF-8 text ({e.__class__.__name__}); give a .txt or .jsonl file") from e
     if not text.strip():

@@ -8,7 +8,6 @@ original `hellaswag_val.jsonl` is used instead when a user supplies it (checked 
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import json
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from . import texts
 from .texts import BUNDLED
 
 ZEROSHOT = BUNDLED / "zeroshot"
@@ -27,10 +27,8 @@ HELLASWAG_ORIGINAL_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae48
 
 
 def _read(path: Path) -> str:
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as f:
-            return f.read()
+        return texts.read(path)
     except FileNotFoundError as e:
         raise UserError(f"zero-shot data file {path} is missing (bundled files come with the package)") from e
 

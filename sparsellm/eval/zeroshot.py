@@ -10,13 +10,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from pathlib import Path
 
 from torch import nn
 
 from ..data import texts
 from ..data import zeroshot as data
+from ..engine import parallel
 from ..errors import UserError
 
 METRICS = ("acc", "acc_norm", "perplexity")
@@ -140,7 +140,7 @@ def check_request(spec: str, limit: int | None, hellaswag_file: Path | None) -> 
         raise UserError("--limit must be at least 1")
     if hellaswag_file is not None and not Path(hellaswag_file).is_file():
         raise UserError(f"--hellaswag-file {hellaswag_file} does not exist; give the original hellaswag_val.jsonl")
-    if tasks and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if tasks and parallel.world() > 1:
         raise UserError("--tasks under torchrun is not supported; evaluate the saved folder with `sparsellm eval`")
     if tasks:
         _lm_eval()
