@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsellm.methods import Target, make_method
-from sparsellm.methods.base import mask_from_scores, prune_count
+from sparsellm.methods.base import mask_from_scores, prune_count, smallest
 from sparsellm.methods.sparsegpt import inverse_cholesky
 
 
@@ -85,6 +85,46 @@ def test_ties_are_broken_deterministically_and_counts_stay_exact():
     grid = torch.round(torch.randn(32, 64) * 4) / 4  # a 4-bit-like grid: many equal magnitudes
     masks = [mask_from_scores(grid.abs(), Target(sparsity=0.6), per_row=False) for _ in range(2)]
     assert torch.equal(masks[0], masks[1]) and int(masks[0].sum()) == prune_count(grid.numel(), 0.6)
+
+
+def test_smallest_equals_a_stable_sort():
+    g = torch.Generator().manual_seed(5)
+    for shape in ((7, 40), (3, 10, 4), (1, 300)):
+        scores = torch.round(torch.randn(shape, generator=g) * 2)  # few distinct values: ties everywhere
+        for k in range(shape[-1] + 1):
+            expected = torch.zeros_like(scores, dtype=torch.bool)
+            expected.scatter_(-1, torch.argsort(scores, dim=-1, stable=True)[..., :k], True)
+            assert torch.equal(smallest(scores, k), expected), (shape, k)
+
+
+def sparsegpt_reference(W, H, target, blocksize=128, percdamp=0.01):
+    """The paper's Algorithm 1 without lazy batching, in float64: one full OBS update per column."""
+    W, H = W.double().clone(), H.double()
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(
+        H + percdamp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype))), upper=True)  # fmt: skip
+    rows, cols = W.shape
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for i in range(cols):
+        if i % blocksize == 0 and not target.is_nm:
+            blk = slice(i, min(i + blocksize, cols))
+            k = prune_count(rows * blk.stop, target.sparsity) - prune_count(rows * i, target.sparsity)
+            mask[:, blk] = smallest((W[:, blk] ** 2 / torch.diag(U)[blk] ** 2).T.reshape(1, -1), k).reshape(-1, rows).T
+        if target.is_nm and i % target.m == 0:
+            grp = slice(i, i + target.m)
+            mask[:, grp] = smallest(W[:, grp] ** 2 / torch.diag(U)[grp] ** 2, target.n)
+        err = torch.where(mask[:, i], W[:, i], 0.0) / U[i, i]
+        W[:, i:] -= err[:, None] * U[i, i:][None, :]
+        W[:, i][mask[:, i]] = 0.0
+    return W, mask
+
+
+@pytest.mark.parametrize("target", [Target(sparsity=0.7), Target(sparsity=0.5), Target(n=2, m=4), Target(n=3, m=4)])
+def test_sparsegpt_equals_the_unbatched_algorithm(target):
+    W, X, H = problem(rows=40, cols=300)  # 300 columns: two full blocks of 128 and a partial one
+    ours = make_method("sparsegpt").prune(W, H, target).weight
+    reference, mask = sparsegpt_reference(W, H, target)
+    assert torch.equal(ours == 0, mask)
+    assert (ours.double() - reference).abs().max() < 1e-4 * reference.abs().max()
 
 
 def test_singular_hessian_raises_damping_and_says_so():

@@ -74,6 +74,10 @@ class SparseGPT(Method):
         U, events = inverse_cholesky(H, self.percdamp)
         rows, cols = W.shape
         bs = self.blocksize - self.blocksize % target.m if target.is_nm else self.blocksize
+        # Lazy updates twice over: rank-1 updates stay within sub-blocks of 32 columns (a multiple of M), and
+        # each sub-block's errors reach the rest of its block in one matmul (the same arithmetic, ~4x less
+        # memory traffic in the column loop).
+        sub = 32 - 32 % target.m if target.is_nm else 32
         # Walk the columns of W as the rows of W^T: each update of the column loop then touches contiguous
         # memory (about 3x faster than strided columns for tall matrices); the arithmetic is the same.
         Wt = W.T.contiguous()
@@ -82,7 +86,6 @@ class SparseGPT(Method):
             Ublock = U[i1:i2, i1:i2]
             d = torch.diag(Ublock)
             W1t = Wt[i1:i2].clone()
-            Q1t = torch.zeros_like(W1t)
             Err1t = torch.zeros_like(W1t)
             if target.is_nm:
                 mask1t = torch.zeros_like(W1t, dtype=torch.bool)
@@ -90,17 +93,20 @@ class SparseGPT(Method):
                 # Per-block counts from cumulative totals, so the whole matrix prunes exactly round(s * numel).
                 k = prune_count(rows * i2, target.sparsity) - prune_count(rows * i1, target.sparsity)
                 mask1t = smallest((W1t.T**2 / d**2).reshape(1, -1), k).reshape(rows, i2 - i1).T
-            for i in range(i2 - i1):
-                if target.is_nm and i % target.m == 0:
-                    group = slice(i, i + target.m)
-                    mask1t[group] = smallest(W1t[group].T ** 2 / d[group] ** 2, target.n).T
-                w = W1t[i]
-                q = w.masked_fill(mask1t[i], 0.0)
-                err = (w - q) / d[i]
-                W1t[i:].addr_(Ublock[i, i:], err, alpha=-1.0)
-                Q1t[i] = q
-                Err1t[i] = err
-            Wt[i1:i2] = Q1t
+            # err = (w - q) / d is w / d where pruned and 0 where kept: one multiply by this per column.
+            scale = mask1t / d[:, None]
+            for j1 in range(0, i2 - i1, sub):
+                j2 = min(j1 + sub, i2 - i1)
+                for i in range(j1, j2):
+                    if target.is_nm and i % target.m == 0:
+                        group = slice(i, i + target.m)
+                        mask1t[group] = smallest(W1t[group].T ** 2 / d[group] ** 2, target.n).T
+                        scale[group] = mask1t[group] / d[group, None]
+                    err = torch.mul(W1t[i], scale[i], out=Err1t[i])
+                    # Row i's own update turns its pruned weights into ~0 and leaves the kept ones as they are.
+                    W1t[i:j2].addr_(Ublock[i, i:j2], err, alpha=-1.0)
+                W1t[j2:].addmm_(Ublock[j1:j2, j2:].T, Err1t[j1:j2], alpha=-1.0)
+            Wt[i1:i2] = W1t.masked_fill_(mask1t, 0.0)
             Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1t, alpha=-1.0)
         W = Wt.T
         return Pruned(W.to(weight.dtype), tuple(events))
