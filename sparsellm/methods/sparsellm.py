@@ -225,21 +225,22 @@ class _Solver:
         return err / self.y_norm, obj + self.b * output_term
 
     def p_step(self) -> None:
-        """P = (b Wd^T Wd + g I)^-1 (b Wd^T (Y - b2) + g H) with H = h(Z, S), by Woodbury on G = Wd Wd^T (d x d).
+        """P = argmin g ||P - H||^2 + b ||Y - b2 - P Wd^T||^2 with H = h(Z, S), in residual form.
 
-        Row by row, with R = b (Y - b2) Wd + g H and K = R Wd^T (G + g/b I)^-1, P = (R - K Wd) / g
-        = H + (b (Y - b2) - K) Wd / g, where R Wd^T = b (Y - b2) G + g H Wd^T: two N x d x f products.
+        With P = H + D the problem is ridge regression of the output residual R = Y - b2 - H Wd^T on Wd:
+        D = R (Wd Wd^T + g/b I)^-1 Wd (Woodbury's d x d form of (b Wd^T Wd + g I)^-1: no f x f factorisation).
+        Two N x d x f products per token chunk: H Wd^T and R M, with M = (Wd Wd^T + g/b I)^-1 Wd computed once.
         """
         wd = self.mlp.down.weight.data.float()
         gram_wd = wd @ wd.T
         relative = (self.g / self.b) / max(torch.diag(gram_wd).mean().item(), 1e-12)  # damping = g / b
         chol, events = with_damping(gram_wd, relative, cholesky)
         self.events += [f"mlp p-step: {e}" for e in events]
+        m = torch.cholesky_solve(wd, chol)
         for sl in _chunks(self.x.shape[0]):
             h = self._hidden(self.z[sl], self.s[sl] if self.gated else None)
-            y = self.b * (self.y[sl] - self.b2)
-            k = torch.cholesky_solve((y @ gram_wd + self.g * (h @ wd.T)).T, chol).T
-            self.p[sl] = h + (y - k) @ wd / self.g
+            residual = self.y[sl] - self.b2 - h @ wd.T
+            self.p[sl] = torch.addmm(h, residual, m)
 
     def z_and_s_steps(self) -> None:
         for sl in _chunks(self.x.shape[0], ELEMENTWISE_CHUNK):
