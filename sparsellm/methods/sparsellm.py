@@ -12,8 +12,8 @@ ReLU MLP (OPT), with Z = fc1 pre-activation and P = fc2 input:
 Each round: (1) W-steps: the dense least-squares fit of every linear to its current target, through the
 normal equations (fp32 Cholesky with a ridge), then SparseGPT on that fit with the linear's input Hessian
 (since ||T - W A||^2 = ||T - W* A||^2 + ||(W* - W) A||^2, that is the sparse least-squares step);
-(2) P in closed form, through Woodbury (a d x d Cholesky, never f x f); (3) Z exactly per element;
-(4) S (gated) by safeguarded per-element Newton that only accepts decreases.
+(2) P in closed form, as a ridge regression of the output residual (a d x d Cholesky, never f x f);
+(3) Z exactly per element; (4) S (gated) by safeguarded per-element Newton that only accepts decreases.
 
 Every term is normalised by the squared norm of its dense target, so one (alpha, beta, gamma) serves all
 layers and families. Round 1 fits the dense targets, whose least-squares solutions are the dense weights,
@@ -229,18 +229,18 @@ class _Solver:
 
         With P = H + D the problem is ridge regression of the output residual R = Y - b2 - H Wd^T on Wd:
         D = R (Wd Wd^T + g/b I)^-1 Wd (Woodbury's d x d form of (b Wd^T Wd + g I)^-1: no f x f factorisation).
-        Two N x d x f products per token chunk: H Wd^T and R M, with M = (Wd Wd^T + g/b I)^-1 Wd computed once.
+        Two N x d x f products per token chunk: H Wd^T and R L, with L = (Wd Wd^T + g/b I)^-1 Wd computed once.
         """
         wd = self.mlp.down.weight.data.float()
         gram_wd = wd @ wd.T
         relative = (self.g / self.b) / max(torch.diag(gram_wd).mean().item(), 1e-12)  # damping = g / b
         chol, events = with_damping(gram_wd, relative, cholesky)
         self.events += [f"mlp p-step: {e}" for e in events]
-        m = torch.cholesky_solve(wd, chol)
+        lift = torch.cholesky_solve(wd, chol)
         for sl in _chunks(self.x.shape[0]):
             h = self._hidden(self.z[sl], self.s[sl] if self.gated else None)
             residual = self.y[sl] - self.b2 - h @ wd.T
-            self.p[sl] = torch.addmm(h, residual, m)
+            self.p[sl] = torch.addmm(h, residual, lift)
 
     def z_and_s_steps(self) -> None:
         for sl in _chunks(self.x.shape[0], ELEMENTWISE_CHUNK):
