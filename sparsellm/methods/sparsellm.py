@@ -59,6 +59,16 @@ def gram(a: torch.Tensor, n: int | None = None, block: int = 384) -> torch.Tenso
     return parallel.all_sum(g).div_(n or a.shape[0])
 
 
+def sum_sq(t: torch.Tensor) -> float:
+    """||t||^2 without a temporary of t's size."""
+    return torch.linalg.vector_norm(t).item() ** 2
+
+
+def sq_dist(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b||^2 in one fused pass (no temporaries)."""
+    return torch.nn.functional.mse_loss(a, b, reduction="sum").item()
+
+
 def cross(target: torch.Tensor, inputs: torch.Tensor, n: int) -> torch.Tensor:
     """T^T A / n, summed over the ranks' rows (n: their total count)."""
     return parallel.all_sum(target.T @ inputs) / n
@@ -160,14 +170,14 @@ class _Solver:
         (tokens,) = parallel.all_sum_floats(x.shape[0])
         self.n = int(tokens)  # over all ranks: every sum below is all-reduced
         with torch.no_grad():
-            self.z = x @ self.dense["up"].T + self.b1
+            self.z = torch.addmm(self.b1, x, self.dense["up"].T)
             self.s = x @ self.dense["gate"].T if self.gated else None
             self.p = self._hidden(self.z, self.s)
-            self.y = self.p @ self.dense["down"].T + self.b2
+            self.y = torch.addmm(self.b2, self.p, self.dense["down"].T)
         self.hx = gram(x, self.n)
         self.up_out = torch.empty_like(self.z)  # sparse up/gate outputs of the current round (see evaluate)
         self.gate_out = torch.empty_like(self.s) if self.gated else None
-        sq = lambda t: t.pow(2).sum().item() if t is not None else 0.0  # noqa: E731
+        sq = lambda t: sum_sq(t) if t is not None else 0.0  # noqa: E731
         # Normalise each term by its dense target's squared norm: the weights become scale-free.
         sums = parallel.all_sum_floats(sq(self.y - self.b2), sq(self.z), sq(self.p), sq(self.s), sq(self.y))
         self.y_sq, z_sq, p_sq, s_sq, self.y_norm = (v + 1e-30 for v in sums)
@@ -213,13 +223,13 @@ class _Solver:
         err = obj = 0.0
         for sl in _chunks(self.x.shape[0]):
             x, z, p, y = self.x[sl], self.z[sl], self.p[sl], self.y[sl]
-            self.up_out[sl] = m = x @ wu.T + self.b1
-            obj += self.a_z * (z - m).pow(2).sum().item()
+            m = torch.addmm(self.b1, x, wu.T, out=self.up_out[sl])
+            obj += self.a_z * sq_dist(z, m)
             if self.gated:
-                self.gate_out[sl] = n = x @ wg.T
-                obj += self.a_s * (self.s[sl] - n).pow(2).sum().item()
-            err += (y - self._hidden(m, n if self.gated else None) @ wd.T - self.b2).pow(2).sum().item()
-            obj += self.g * (p - self._hidden(z, self.s[sl] if self.gated else None)).pow(2).sum().item()
+                n = torch.mm(x, wg.T, out=self.gate_out[sl])
+                obj += self.a_s * sq_dist(self.s[sl], n)
+            err += sq_dist(y, torch.addmm(self.b2, self._hidden(m, n if self.gated else None), wd.T))
+            obj += self.g * sq_dist(p, self._hidden(z, self.s[sl] if self.gated else None))
         err, obj = parallel.all_sum_floats(err, obj)
         output_term = self.y_sq - self.n * (2 * (wd * self.yp).sum() - (wd @ self.hp * wd).sum()).item()
         return err / self.y_norm, obj + self.b * output_term
@@ -239,8 +249,8 @@ class _Solver:
         lift = torch.cholesky_solve(wd, chol)
         for sl in _chunks(self.x.shape[0]):
             h = self._hidden(self.z[sl], self.s[sl] if self.gated else None)
-            residual = self.y[sl] - self.b2 - h @ wd.T
-            self.p[sl] = torch.addmm(h, residual, lift)
+            residual = torch.addmm(self.y[sl] - self.b2, h, wd.T, alpha=-1.0)
+            torch.addmm(h, residual, lift, out=self.p[sl])
 
     def z_and_s_steps(self) -> None:
         for sl in _chunks(self.x.shape[0], ELEMENTWISE_CHUNK):
