@@ -60,8 +60,8 @@ def gram(a: torch.Tensor, n: int | None = None, block: int = 384) -> torch.Tenso
 
 
 def sum_sq(t: torch.Tensor) -> float:
-    """||t||^2 without a temporary of t's size."""
-    return torch.linalg.vector_norm(t).item() ** 2
+    """||t||^2, accumulated in float64: every term of the objective is normalised by one of these."""
+    return t.pow(2).sum(dtype=torch.float64).item()
 
 
 def sq_dist(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -180,8 +180,8 @@ class _Solver:
         sq = lambda t: sum_sq(t) if t is not None else 0.0  # noqa: E731
         # Normalise each term by its dense target's squared norm: the weights become scale-free.
         sums = parallel.all_sum_floats(sq(self.y - self.b2), sq(self.z), sq(self.p), sq(self.s), sq(self.y))
-        self.y_sq, z_sq, p_sq, s_sq, self.y_norm = (v + 1e-30 for v in sums)
-        self.a_z, self.g, self.b = method.alpha / z_sq, method.gamma / p_sq, method.beta / self.y_sq
+        y_sq, z_sq, p_sq, s_sq, self.y_norm = (v + 1e-30 for v in sums)
+        self.a_z, self.g, self.b = method.alpha / z_sq, method.gamma / p_sq, method.beta / y_sq
         self.a_s = method.alpha / s_sq if self.gated else 0.0
         self.events: list[str] = []
 
@@ -205,18 +205,15 @@ class _Solver:
         self._sparse_fit("up", None if first else cross(self.z - self.b1, self.x, self.n), self.hx)
         if self.gated:
             self._sparse_fit("gate", None if first else cross(self.s, self.x, self.n), self.hx)
-        # evaluate() reuses both: P is unchanged until the next p-step. In round 1, Y - b2 = P Wdense^T, so the
-        # cross term (Y - b2)^T P / n is Wdense Hp without a pass over the tokens.
-        self.hp = gram(self.p, self.n)
-        self.yp = self.dense["down"] @ self.hp if first else cross(self.y - self.b2, self.p, self.n)
-        self._sparse_fit("down", None if first else self.yp, self.hp)
+        hp = gram(self.p, self.n)
+        self._sparse_fit("down", None if first else cross(self.y - self.b2, self.p, self.n), hp)
 
     def evaluate(self) -> tuple[float, float]:
         """(real MLP output error ||Y - mlp(X)||^2 / ||Y||^2, objective) in one pass over the tokens.
 
         It also caches the sparse up/gate outputs M, N, which the z- and s-steps of this round reuse. The output
-        term ||Y - b2 - P Wd^T||^2 is expanded as n (||Y - b2||^2 / n - 2 <Wd, (Y - b2)^T P / n> + <Wd^T Wd, Hp>)
-        from the W-step's statistics, so it costs no pass over the tokens of its own.
+        term ||Y - b2 - P Wd^T||^2 is summed token by token: expanded from the W-step's statistics it would save
+        a product, but it is a small difference of large fp32 terms and came out negative on real layers.
         """
         wu, wd = self.mlp.up.weight.data.float(), self.mlp.down.weight.data.float()
         wg = self.mlp.gate.weight.data.float() if self.gated else None
@@ -230,9 +227,9 @@ class _Solver:
                 obj += self.a_s * sq_dist(self.s[sl], n)
             err += sq_dist(y, torch.addmm(self.b2, self._hidden(m, n if self.gated else None), wd.T))
             obj += self.g * sq_dist(p, self._hidden(z, self.s[sl] if self.gated else None))
+            obj += self.b * sq_dist(y, torch.addmm(self.b2, p, wd.T))
         err, obj = parallel.all_sum_floats(err, obj)
-        output_term = self.y_sq - self.n * (2 * (wd * self.yp).sum() - (wd @ self.hp * wd).sum()).item()
-        return err / self.y_norm, obj + self.b * output_term
+        return err / self.y_norm, obj
 
     def p_step(self) -> None:
         """P = argmin g ||P - H||^2 + b ||Y - b2 - P Wd^T||^2 with H = h(Z, S), in residual form.
