@@ -44,7 +44,7 @@ def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(sparsity):
 
 
 @pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt"])
-@pytest.mark.parametrize("n,m", [(2, 4), (3, 4), (1, 2), (4, 8)])
+@pytest.mark.parametrize("n,m", [(2, 4), (3, 4), (1, 2), (4, 8), (40, 64)])  # M above the loop's sub-block
 def test_nm_masks_are_exactly_n_of_m(name, n, m):
     W, X, H = problem()
     method = make_method(name)

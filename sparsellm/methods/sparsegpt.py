@@ -73,11 +73,11 @@ class SparseGPT(Method):
         W[:, dead] = 0.0
         U, events = inverse_cholesky(H, self.percdamp)
         rows, cols = W.shape
-        bs = self.blocksize - self.blocksize % target.m if target.is_nm else self.blocksize
+        bs = max(target.m, self.blocksize - self.blocksize % target.m) if target.is_nm else self.blocksize
         # Lazy updates twice over: rank-1 updates stay within sub-blocks of 32 columns (a multiple of M), and
         # each sub-block's errors reach the rest of its block in one matmul (the same arithmetic, ~4x less
         # memory traffic in the column loop).
-        sub = 32 - 32 % target.m if target.is_nm else 32
+        sub = max(target.m, 32 - 32 % target.m) if target.is_nm else 32
         # Walk the columns of W as the rows of W^T: each update of the column loop then touches contiguous
         # memory (about 3x faster than strided columns for tall matrices); the arithmetic is the same.
         Wt = W.T.contiguous()
