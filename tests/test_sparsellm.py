@@ -159,7 +159,7 @@ def test_logged_objective_equals_its_direct_formula(kind):
             .pow(2)
             .sum()
         )
-        direct += solver.b * (solver.y - solver.p @ wd.T - solver.b2).pow(2).sum()
+        direct += solver.b * (solver.y_target - solver.p @ wd.T).pow(2).sum()
         if kind == "gated":
             direct += solver.a_s * (solver.s - X @ mlp.gate.weight.data.T).pow(2).sum()
         assert objective == pytest.approx(direct.item(), rel=1e-4)
@@ -182,5 +182,5 @@ def test_p_step_is_the_exact_minimiser(kind):
     wd, g, b = mlp.down.weight.data.double(), solver.g, solver.b
     h = (mlp.act(solver.s) * solver.z if kind == "gated" else mlp.act(solver.z)).double()
     lhs = b * wd.T @ wd + g * torch.eye(wd.shape[1], dtype=torch.float64)
-    direct = torch.linalg.solve(lhs, (b * (solver.y - solver.b2).double() @ wd + g * h).T).T
+    direct = torch.linalg.solve(lhs, (b * solver.y_target.double() @ wd + g * h).T).T
     assert (solver.p.double() - direct).norm() / direct.norm() < 1e-4  # fp32, condition number ~130: ~1e-5

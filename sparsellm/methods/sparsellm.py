@@ -173,13 +173,15 @@ class _Solver:
             self.z = torch.addmm(self.b1, x, self.dense["up"].T)
             self.s = x @ self.dense["gate"].T if self.gated else None
             self.p = self._hidden(self.z, self.s)
-            self.y = torch.addmm(self.b2, self.p, self.dense["down"].T)
+            self.y_target = self.p @ self.dense["down"].T  # Y - b2: what P Wd^T must reproduce
         self.hx = gram(x, self.n)
         self.up_out = torch.empty_like(self.z)  # sparse up/gate outputs of the current round (see evaluate)
         self.gate_out = torch.empty_like(self.s) if self.gated else None
         sq = lambda t: sum_sq(t) if t is not None else 0.0  # noqa: E731
         # Normalise each term by its dense target's squared norm: the weights become scale-free.
-        sums = parallel.all_sum_floats(sq(self.y - self.b2), sq(self.z), sq(self.p), sq(self.s), sq(self.y))
+        sums = parallel.all_sum_floats(
+            sq(self.y_target), sq(self.z), sq(self.p), sq(self.s), sq(self.y_target + self.b2)
+        )
         y_sq, z_sq, p_sq, s_sq, self.y_norm = (v + 1e-30 for v in sums)
         self.a_z, self.g, self.b = method.alpha / z_sq, method.gamma / p_sq, method.beta / y_sq
         self.a_s = method.alpha / s_sq if self.gated else 0.0
@@ -206,7 +208,7 @@ class _Solver:
         if self.gated:
             self._sparse_fit("gate", None if first else cross(self.s, self.x, self.n), self.hx)
         hp = gram(self.p, self.n)
-        self._sparse_fit("down", None if first else cross(self.y - self.b2, self.p, self.n), hp)
+        self._sparse_fit("down", None if first else cross(self.y_target, self.p, self.n), hp)
 
     def evaluate(self) -> tuple[float, float]:
         """(real MLP output error ||Y - mlp(X)||^2 / ||Y||^2, objective) in one pass over the tokens.
@@ -219,15 +221,15 @@ class _Solver:
         wg = self.mlp.gate.weight.data.float() if self.gated else None
         err = obj = 0.0
         for sl in _chunks(self.x.shape[0]):
-            x, z, p, y = self.x[sl], self.z[sl], self.p[sl], self.y[sl]
+            x, z, p, y = self.x[sl], self.z[sl], self.p[sl], self.y_target[sl]
             m = torch.addmm(self.b1, x, wu.T, out=self.up_out[sl])
             obj += self.a_z * sq_dist(z, m)
             if self.gated:
                 n = torch.mm(x, wg.T, out=self.gate_out[sl])
                 obj += self.a_s * sq_dist(self.s[sl], n)
-            err += sq_dist(y, torch.addmm(self.b2, self._hidden(m, n if self.gated else None), wd.T))
+            err += sq_dist(y, self._hidden(m, n if self.gated else None) @ wd.T)
             obj += self.g * sq_dist(p, self._hidden(z, self.s[sl] if self.gated else None))
-            obj += self.b * sq_dist(y, torch.addmm(self.b2, p, wd.T))
+            obj += self.b * sq_dist(y, p @ wd.T)
         err, obj = parallel.all_sum_floats(err, obj)
         return err / self.y_norm, obj
 
@@ -246,7 +248,7 @@ class _Solver:
         lift = torch.cholesky_solve(wd, chol)
         for sl in _chunks(self.x.shape[0]):
             h = self._hidden(self.z[sl], self.s[sl] if self.gated else None)
-            residual = torch.addmm(self.y[sl] - self.b2, h, wd.T, alpha=-1.0)
+            residual = torch.addmm(self.y_target[sl], h, wd.T, alpha=-1.0)
             torch.addmm(h, residual, lift, out=self.p[sl])
 
     def z_and_s_steps(self) -> None:
