@@ -116,6 +116,21 @@ def test_s_step_reaches_the_per_element_minimum(act, a_s, g):
     assert torch.all(ours <= best + 1e-5)
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "relu"])
+def test_activation_derivatives_match_autograd(act):
+    s = torch.linspace(-6, 6, 1001, dtype=torch.float64).requires_grad_()
+    reference = {"silu": torch.nn.functional.silu, "relu": torch.relu}.get(
+        act, lambda x: torch.nn.functional.gelu(x, approximate="tanh")
+    )
+    f, df, d2f = ACTIVATIONS[act].derivatives(s.detach())
+    (grad,) = torch.autograd.grad(reference(s).sum(), s, create_graph=True)
+    (grad2,) = torch.autograd.grad(grad.sum(), s) if grad.requires_grad else (torch.zeros_like(s),)
+    torch.testing.assert_close(f, reference(s).detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ACTIVATIONS[act].f(s.detach()), f, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(df, grad.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(d2f, grad2, rtol=1e-10, atol=1e-10)
+
+
 def test_warm_s_step_never_raises_the_term():
     gen = torch.Generator().manual_seed(3)
     s0, n, p, z = (torch.randn(5000, generator=gen) * 2 for _ in range(4))
