@@ -76,14 +76,14 @@ def prune_site_group(
 
 @torch.no_grad()
 def mlp_inputs(layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict, opts: EngineOptions) -> torch.Tensor:
-    """The MLP's input for every calibration token, [windows, seqlen, d], as the layer currently computes it.
+    """The MLP's input for every calibration token, [N, d], as the layer currently computes it.
 
     The forward stops as soon as the MLP's first linear is reached: the MLP itself need not run.
     """
     chunks: list[torch.Tensor] = []
 
     def record(_module, args):
-        chunks.append(args[0].float())
+        chunks.append(args[0].reshape(-1, args[0].shape[-1]).float())
         raise StopForward
 
     mlp = adapter.mlp(layer)
@@ -95,7 +95,7 @@ def mlp_inputs(layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict
     finally:
         for h in handles:
             h.remove()
-    x_mlp = torch.cat(chunks).reshape(x.shape[0], -1, chunks[0].shape[-1])  # OPT hands fc1 [tokens, d]
+    x_mlp = torch.cat(chunks)
     (bad,) = parallel.all_sum_floats(float(not torch.isfinite(x_mlp).all()))  # every rank must stop together
     if bad:
         raise UserError("the MLP inputs hold NaN/Inf (the model or its data is broken); nothing was saved")

@@ -24,7 +24,6 @@ measured; the round with the lowest error is kept (never a worse last round).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -167,11 +166,9 @@ class SparseLLM(SparseGPT):
     ridge: float = 0.01
     newton_steps: int = 1  # warm-started across rounds: one safeguarded step did as well as four
     multistart: bool = False  # exact multi-start s-step: same held-out error on SmolLM2, 1.5x the time
-    holdout: float = 0.125  # windows kept out of the fit to choose the round (rounds > 1): see _Solver.run
 
     def prune_mlp(self, mlp: MLP, x: torch.Tensor, target: Target) -> dict:
-        """Prune the MLP's linears in place on inputs x [windows, seqlen, d] (or [N, d]: every row a window);
-        return the per-round log."""
+        """Prune the MLP's linears in place on inputs x [N, d]; return the per-round log."""
         return _Solver(self, mlp, x, target).run()
 
 
@@ -179,41 +176,32 @@ class _Solver:
     """The state of one MLP's alternating minimisation."""
 
     def __init__(self, method: SparseLLM, mlp: MLP, x: torch.Tensor, target: Target):
-        self.m, self.mlp, self.target = method, mlp, target
+        self.m, self.mlp, self.x, self.target = method, mlp, x, target
         self.gated = mlp.kind == "gated"
         self.act = activation(mlp.act_name)
         self.dense = {k: lin.weight.data.float().clone() for k, lin in self._linears().items()}
         zeros = lambda n: torch.zeros(n, device=x.device)  # noqa: E731
         self.b1 = mlp.up.bias.data.float() if mlp.up.bias is not None else zeros(mlp.up.out_features)
         self.b2 = mlp.down.bias.data.float() if mlp.down.bias is not None else zeros(mlp.down.out_features)
-        self.x, self.x_val = split_windows(x, method.holdout if method.rounds > 1 else 0.0)
-        tokens, val_tokens = parallel.all_sum_floats(self.x.shape[0], self.x_val.shape[0])
-        self.n, self.n_val = int(tokens), int(val_tokens)  # over all ranks: every sum below is all-reduced
+        (tokens,) = parallel.all_sum_floats(x.shape[0])
+        self.n = int(tokens)  # over all ranks: every sum below is all-reduced
         with torch.no_grad():
-            self.z, self.s, self.p, self.y_target = self._dense_forward(self.x)  # y_target = Y - b2
-            _, _, p_val, self.y_val = self._dense_forward(self.x_val)
-        self.hx = gram(self.x, self.n)
-        self.val_grams = (gram(self.x_val, self.n_val), gram(p_val, self.n_val)) if self.n_val else None
-        self.x_mean = parallel.all_sum(self.x.sum(0)) / self.n  # (Z - b1)^T X = Z^T X - b1 sum(X): no N x f copy
+            self.z = torch.addmm(self.b1, x, self.dense["up"].T)
+            self.s = x @ self.dense["gate"].T if self.gated else None
+            self.p = self._hidden(self.z, self.s)
+            self.y_target = self.p @ self.dense["down"].T  # Y - b2: what P Wd^T must reproduce
+        self.hx = gram(x, self.n)
+        self.x_mean = parallel.all_sum(x.sum(0)) / self.n  # (Z - b1)^T X = Z^T X - b1 sum(X): no N x f copy
         self.up_out = torch.empty_like(self.z)  # sparse up/gate outputs of the current round (see evaluate)
         self.gate_out = torch.empty_like(self.s) if self.gated else None
         sq = lambda t: sum_sq(t) if t is not None else 0.0  # noqa: E731
-        with_b2 = lambda y: y if mlp.down.bias is None else y + self.b2  # noqa: E731
         # Normalise each term by its dense target's squared norm: the weights become scale-free.
-        sums = parallel.all_sum_floats(
-            sq(self.y_target), sq(self.z), sq(self.p), sq(self.s), sq(with_b2(self.y_target)), sq(with_b2(self.y_val))
-        )
-        y_sq, z_sq, p_sq, s_sq, self.y_norm, self.y_val_norm = (v + 1e-30 for v in sums)
+        y = self.y_target if mlp.down.bias is None else self.y_target + self.b2
+        sums = parallel.all_sum_floats(sq(self.y_target), sq(self.z), sq(self.p), sq(self.s), sq(y))
+        y_sq, z_sq, p_sq, s_sq, self.y_norm = (v + 1e-30 for v in sums)
         self.a_z, self.g, self.b = method.alpha / z_sq, method.gamma / p_sq, method.beta / y_sq
         self.a_s = method.alpha / s_sq if self.gated else 0.0
         self.events: list[str] = []
-
-    def _dense_forward(self, x: torch.Tensor):
-        """(Z, S, P, Y - b2) of the dense MLP on x."""
-        z = torch.addmm(self.b1, x, self.dense["up"].T)
-        s = x @ self.dense["gate"].T if self.gated else None
-        p = self._hidden(z, s)
-        return z, s, p, p @ self.dense["down"].T
 
     def _linears(self) -> dict[str, torch.nn.Linear]:
         out = {"up": self.mlp.up, "down": self.mlp.down}
@@ -237,17 +225,14 @@ class _Solver:
         if self.gated:
             self._sparse_fit("gate", None if first else cross(self.s, self.x, self.n), self.hx)
         hp = gram(self.p, self.n)
-        if first:
-            self.hp_dense = hp
         self._sparse_fit("down", None if first else cross(self.y_target, self.p, self.n), hp)
 
     def evaluate(self) -> tuple[float, float]:
-        """(real MLP output error ||Y - mlp(X)||^2 / ||Y||^2, objective); the error on the held-out windows if any.
+        """(real MLP output error ||Y - mlp(X)||^2 / ||Y||^2, objective) in one pass over the tokens.
 
-        The pass over the fitted tokens caches the sparse up/gate outputs M, N, which this round's z- and s-steps
-        reuse. The output term ||Y - b2 - P Wd^T||^2 is summed token by token: expanded from the W-step's
-        statistics it would save a product, but it is a small difference of large fp32 terms and came out
-        negative on real layers.
+        It also caches the sparse up/gate outputs M, N, which the z- and s-steps of this round reuse. The output
+        term ||Y - b2 - P Wd^T||^2 is summed token by token: expanded from the W-step's statistics it would save
+        a product, but it is a small difference of large fp32 terms and came out negative on real layers.
         """
         wu, wd = self.mlp.up.weight.data.float(), self.mlp.down.weight.data.float()
         wg = self.mlp.gate.weight.data.float() if self.gated else None
@@ -259,16 +244,11 @@ class _Solver:
             if self.gated:
                 n = torch.mm(x, wg.T, out=self.gate_out[sl])
                 obj += self.a_s * sq_dist(self.s[sl], n)
-            if not self.n_val:
-                err += sq_dist(y, self._hidden(m, n if self.gated else None) @ wd.T)
+            err += sq_dist(y, self._hidden(m, n if self.gated else None) @ wd.T)
             obj += self.g * sq_dist(p, self._hidden(z, self.s[sl] if self.gated else None))
             obj += self.b * sq_dist(y, p @ wd.T)
-        for sl in _chunks(self.x_val.shape[0]) if self.n_val else ():
-            x = self.x_val[sl]
-            n = x @ wg.T if self.gated else None
-            err += sq_dist(self.y_val[sl], self._hidden(torch.addmm(self.b1, x, wu.T), n) @ wd.T)
         err, obj = parallel.all_sum_floats(err, obj)
-        return err / (self.y_val_norm if self.n_val else self.y_norm), obj
+        return err / self.y_norm, obj
 
     def p_step(self) -> None:
         """P = argmin g ||P - H||^2 + b ||Y - b2 - P Wd^T||^2 with H = h(Z, S), in residual form.
@@ -305,12 +285,6 @@ class _Solver:
                 self.z[sl] = relu_z_step(m, p, 1.0, g_z)
 
     def run(self) -> dict:
-        """Alternate for the given rounds; keep the round whose MLP has the lowest output error on held-out windows.
-
-        Choosing on the fitted tokens overfits: on SmolLM2 at 50% the later rounds lowered the fitted error while
-        the held-out error rose (layer 0: -1.6% vs +13%), and 2:4 perplexity ended worse than SparseGPT's. When
-        round 1 (SparseGPT on the fitted windows) wins, SparseGPT is redone with every window's statistics.
-        """
         curve, errors, best = [], [], None
         for r in range(self.m.rounds):
             self.w_steps(first=r == 0)
@@ -323,43 +297,9 @@ class _Solver:
             if r + 1 < self.m.rounds:
                 self.p_step()
                 self.z_and_s_steps()
-        if best == 0 and self.n_val:
-            self._sparsegpt_on_every_window()
-        else:
-            for k, lin in self._linears().items():
-                lin.weight.data.copy_(kept[k])
-        return {
-            "objective": curve,
-            "output_error": errors,
-            "error_tokens": "held-out" if self.n_val else "calibration",
-            "kept_round": best + 1,
-            "events": self.events,
-        }
-
-    def _sparsegpt_on_every_window(self) -> None:
-        """Round 1 again on the Hessians of the fitted and held-out windows together: SparseGPT's own result."""
-        hx_val, hp_val = self.val_grams
-        share = self.n_val / (self.n + self.n_val)
-        hessians = {"up": self.hx.lerp(hx_val, share), "down": self.hp_dense.lerp(hp_val, share)}
-        hessians["gate"] = hessians["up"]
-        for name in self._linears():
-            self._sparse_fit(name, None, hessians[name])
-
-
-def split_windows(x: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fitted rows, held-out rows) of x [windows, seqlen, d] or [N, d], as [tokens, d] each.
-
-    The last `holdout` fraction of whole windows is held out (tokens of one window share a document: only whole
-    windows are unseen text), counted over all ranks, each holding a contiguous shard (parallel.shard), so the
-    split is the single process's; at least one window is fitted.
-    """
-    windows, d = x.shape[0], x.shape[-1]
-    (total,) = parallel.all_sum_floats(windows)
-    total = int(total)
-    held = min(math.ceil(holdout * total), total - 1) if holdout > 0 else 0
-    start = parallel.shard(total).start if parallel.world() > 1 else 0
-    first_held = min(max(total - held - start, 0), windows)  # this rank's first held-out window
-    return x[:first_held].reshape(-1, d), x[first_held:].reshape(-1, d)
+        for k, lin in self._linears().items():
+            lin.weight.data.copy_(kept[k])
+        return {"objective": curve, "output_error": errors, "kept_round": best + 1, "events": self.events}
 
 
 def relu_z_step(m: torch.Tensor, p: torch.Tensor, a: float, g: float) -> torch.Tensor:
