@@ -48,6 +48,7 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
         )
         for ax in axes:
             ax.grid(alpha=0.3)
+            ax.set_xticks(list(rounds))
         if len(curves) <= 12:
             axes[0].legend(fontsize=7)
         written.append(folder / "sparsellm_rounds.png")
