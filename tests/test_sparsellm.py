@@ -63,9 +63,12 @@ def test_rounds_lower_the_output_error_below_sparsegpt(kind, target):
     reference, _ = synthetic_mlp(kind)
     sparsegpt_mlp(reference, X, target)
     log = make_method("sparsellm", rounds=4).prune_mlp(mlp, X, target)
-    errors, kept = log["output_error"], log["kept_round"]
+    errors, token_errors, kept = log["output_error"], log["token_error"], log["kept_round"]
     assert errors[0] == pytest.approx(mlp_error(reference, X, Y), rel=1e-5)  # round 1 is SparseGPT
-    assert errors[kept - 1] == min(errors) <= errors[0]
+    assert token_errors[kept - 1] == min(token_errors) <= token_errors[0]
+    with torch.no_grad():
+        per_token = ((mlp(X) - Y) ** 2).sum(1) / (Y**2).sum(1)
+    assert per_token.mean().item() == pytest.approx(token_errors[kept - 1], rel=1e-4)
     assert mlp_error(mlp, X, Y) == pytest.approx(errors[kept - 1], rel=1e-5)  # the kept weights are installed
     assert mlp_error(mlp, X, Y) < 0.99 * mlp_error(reference, X, Y), errors
     assert log["objective"][kept - 1] <= log["objective"][0]
@@ -74,6 +77,21 @@ def test_rounds_lower_the_output_error_below_sparsegpt(kind, target):
             assert torch.all((lin.weight.reshape(lin.out_features, -1, 4) == 0).sum(-1) >= 3)
         elif lin is not None:
             assert (lin.weight == 0).float().mean().item() == pytest.approx(target.sparsity, abs=1e-3)
+
+
+def test_the_kept_round_is_chosen_per_token_not_by_a_few_huge_outputs():
+    """Massive activations: a few tokens with outputs 1000x the rest. The global ratio ||Y - mlp(X)||^2 / ||Y||^2
+    then only sees them; the kept round must be the one best on the mean per-token relative error."""
+    mlp, X = synthetic_mlp("gated")
+    X[::300] *= 30.0  # 10 of 3000 tokens: outputs ~1000x larger in square
+    log = make_method("sparsellm", rounds=3).prune_mlp(mlp, X, Target(sparsity=0.7))
+    with torch.no_grad():
+        Y = synthetic_mlp("gated")[0](X)
+        share = (Y[::300] ** 2).sum() / (Y**2).sum()
+        per_token = (((mlp(X) - Y) ** 2).sum(1) / (Y**2).sum(1)).mean().item()
+    assert share > 0.9
+    assert log["kept_round"] == 1 + log["token_error"].index(min(log["token_error"]))
+    assert per_token == pytest.approx(min(log["token_error"]), rel=1e-4)
 
 
 def brute_force(cost, lo=-12.0, hi=12.0, points=120_001):
@@ -165,7 +183,7 @@ def test_logged_objective_equals_its_direct_formula(kind):
     solver = _Solver(make_method("sparsellm"), mlp, X, Target(sparsity=0.7))
     for first in (True, False):
         solver.w_steps(first=first)
-        _, objective = solver.evaluate()
+        objective = solver.evaluate()[-1]
         wu, wd = mlp.up.weight.data, mlp.down.weight.data
         direct = solver.a_z * (solver.z - X @ wu.T - solver.b1).pow(2).sum()
         direct += (
