@@ -18,7 +18,8 @@ normal equations (fp32 Cholesky with a ridge), then SparseGPT on that fit with t
 Every term is normalised by the squared norm of its dense target, so one (alpha, beta, gamma) serves all
 layers and families. Round 1 fits the dense targets, whose least-squares solutions are the dense weights,
 so round 1 is exactly SparseGPT. After each W-step the real MLP's output error ||Y - mlp(X)||^2 / ||Y||^2 is
-measured; the round with the lowest error is kept (never a worse last round).
+measured, globally and per token; the round with the lowest mean per-token relative error is kept (never a
+worse last round).
 """
 
 from __future__ import annotations
