@@ -17,6 +17,7 @@ import time
 import torch
 
 import sparsellm
+from sparsellm.api import parse_nm
 from sparsellm.data import texts
 from sparsellm.engine.layers import capture, run_layer
 from sparsellm.engine.sequential import EngineOptions, mlp_inputs
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--layer", type=int, default=20)
     ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--nm", default=None, help="N:M instead of --sparsity, e.g. 2:4")
     ap.add_argument("--configs", default="[{'rounds': 1}, {}]", help="a Python list of SparseLLM option dicts")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -47,15 +49,17 @@ def main() -> None:
     x_fit = mlp_inputs_at(model, adapter, texts.calibration(tok, c4, 32, 512, seed=0), args.layer)
     x_held = mlp_inputs_at(model, adapter, texts.calibration(tok, c4, 16, 512, seed=1), args.layer)
     layer = adapter.decoder_layers(model)[args.layer]
+    target = parse_nm(args.nm) if args.nm else Target(sparsity=args.sparsity)
     with torch.no_grad():
         y_held = adapter.mlp(layer)(x_held)
-    print(f"layer {args.layer}, sparsity {args.sparsity}, {x_fit.shape[0]} fit / {x_held.shape[0]} held-out tokens")
+    tokens = f"{x_fit.shape[0]} fit / {x_held.shape[0]} held-out tokens"
+    print(f"layer {args.layer}, target {args.nm or args.sparsity}, {tokens}")
     print("| options | seconds | calibration error per round | kept | held-out error |")
     print("|---|---|---|---|---|")
     for options in ast.literal_eval(args.configs):
         mlp = adapter.mlp(copy.deepcopy(layer))
         t0 = time.perf_counter()
-        log = make_method("sparsellm", **options).prune_mlp(mlp, x_fit, Target(sparsity=args.sparsity))
+        log = make_method("sparsellm", **options).prune_mlp(mlp, x_fit, target)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             held = ((mlp(x_held) - y_held) ** 2).sum().item() / (y_held**2).sum().item()

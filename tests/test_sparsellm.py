@@ -70,7 +70,9 @@ def test_rounds_lower_the_output_error_below_sparsegpt(kind, target):
         per_token = ((mlp(X) - Y) ** 2).sum(1) / (Y**2).sum(1)
     assert per_token.mean().item() == pytest.approx(token_errors[kept - 1], rel=1e-4)
     assert mlp_error(mlp, X, Y) == pytest.approx(errors[kept - 1], rel=1e-5)  # the kept weights are installed
-    assert mlp_error(mlp, X, Y) < 0.99 * mlp_error(reference, X, Y), errors
+    # On i.i.d. Gaussian tokens the ridge towards the dense weights costs a little fit (90% gated: 0.6% below
+    # SparseGPT, 3.5% with a ridge towards zero); what it buys shows on real held-out text (test_smollm2.py).
+    assert mlp_error(mlp, X, Y) < 0.995 * mlp_error(reference, X, Y), errors
     assert log["objective"][kept - 1] <= log["objective"][0]
     for lin in (mlp.up, mlp.down, mlp.gate):
         if lin is not None and target.is_nm:
@@ -227,3 +229,24 @@ def test_p_step_is_the_exact_minimiser(kind):
     lhs = b * wd.T @ wd + g * torch.eye(wd.shape[1], dtype=torch.float64)
     direct = torch.linalg.solve(lhs, (b * solver.y_target.double() @ wd + g * h).T).T
     assert (solver.p.double() - direct).norm() / direct.norm() < 1e-4  # fp32, condition number ~130: ~1e-5
+
+
+def test_least_squares_is_the_ridge_fit_towards_the_dense_weights():
+    """The W-step's fit equals lstsq on the stacked system
+    [A / sqrt(n); sqrt(lambda) I] W^T = [T / sqrt(n); sqrt(lambda) W0^T]."""
+    from sparsellm.methods.sparsellm import cross, least_squares
+
+    g = torch.Generator().manual_seed(5)
+    A, T, W0 = (torch.randn(shape, generator=g) for shape in ((500, 24), (500, 16), (16, 24)))
+    A[:, 0] *= 1e-3  # a direction the tokens barely determine: the ridge must leave it near W0
+    H = gram(A)
+    ridge = 0.01
+    W, events = least_squares(cross(T, A, 500), H, ridge, W0)
+    lam = ridge * torch.diag(H).mean().item()
+    eye = torch.eye(24, dtype=torch.float64)
+    lhs = torch.cat([A.double() / 500**0.5, lam**0.5 * eye])
+    rhs = torch.cat([T.double() / 500**0.5, lam**0.5 * W0.double().T])
+    reference = torch.linalg.lstsq(lhs, rhs).solution.T
+    assert events == []
+    assert (W.double() - reference).norm() / reference.norm() < 1e-5
+    assert (W[:, 0] - W0[:, 0]).abs().max() < 0.05  # towards zero it would be shrunk to ~0
