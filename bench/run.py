@@ -5,7 +5,7 @@
     python bench/run.py --model gemma3-270m --methods sparsegpt,sparsellm --sparsities 0.7
 
 Every run is a fresh `sparsellm prune` process (honest peak RSS) on the same calibration tokens (the
-protocol's sampler, seed 0; each report's token sha256 is checked against the one the bench computed).
+protocol's sampler, `--seed`, default 0; each report's token sha256 is checked against the one the bench computed).
 llm-compressor (optional: `bash bench/peer_env.sh` makes `.venv-peer`, since it pins its own transformers)
 prunes the same linears from the same tokens in its own process; its model is evaluated by our evaluator,
 so perplexities differ only by the pruning. The floor is two forward passes of the calibration set
@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,2:4,3:4", help="fractions or N:M (N of M zeroed)")
     ap.add_argument("--all-datasets", default="0.7,2:4", help="targets also evaluated on PTB and C4")
     ap.add_argument("--protocol", default="quick")
+    ap.add_argument("--seed", type=int, default=0, help="calibration sampler seed (one tensor for every run)")
     ap.add_argument(
         "--fast",
         action="store_true",
@@ -82,7 +83,7 @@ def sh(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"bench: {' '.join(map(str, cmd))} failed (exit {done.returncode}); see {log}")
 
 
-def calibration(model: str, protocol: str, out: Path) -> tuple[Path, str]:
+def calibration(model: str, protocol: str, seed: int, out: Path) -> tuple[Path, str]:
     """The calibration tokens every run uses, saved for the peer; and their sha256 as our reports state it."""
     import sparsellm
     from sparsellm.api import protocol as named_protocol
@@ -91,7 +92,7 @@ def calibration(model: str, protocol: str, out: Path) -> tuple[Path, str]:
 
     m, tok = sparsellm.load(model)
     proto = named_protocol(protocol)
-    tokens = texts.calibration(tok, texts.corpus("c4", "train"), proto.nsamples, seqlen_for(m, proto, None), seed=0)
+    tokens = texts.calibration(tok, texts.corpus("c4", "train"), proto.nsamples, seqlen_for(m, proto, None), seed=seed)
     path = out / "calibration.pt"
     torch.save(tokens, path)
     return path, tensor_sha256(tokens.to(torch.int64))
@@ -101,7 +102,8 @@ def ours(args, method: str, target: str, calib_sha: str) -> dict:
     name = f"{method}-{target}"
     datasets = datasets_for(args, target)
     cmd = [sys.executable, "-m", "sparsellm", "prune", args.model, "--method", method, *target_args(target)]
-    cmd += ["--protocol", args.protocol, "--eval", ",".join(datasets), "--out", str(args.out / name), "--overwrite"]
+    cmd += ["--protocol", args.protocol, "--seed", str(args.seed), "--eval", ",".join(datasets)]
+    cmd += ["--out", str(args.out / name), "--overwrite"]
     cmd += zeroshot_args(args)
     sh(cmd, args.out / f"{name}.log")
     report = json.loads((args.out / name / "report.json").read_text())
@@ -254,7 +256,7 @@ def main() -> None:
             file=sys.stderr,
         )
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    calib, calib_sha = calibration(args.model, args.protocol, args.out)
+    calib, calib_sha = calibration(args.model, args.protocol, args.seed, args.out)
     dense = dense_and_floor(args, calib)
     rows = []
     for target in targets:
@@ -270,13 +272,15 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "model": args.model,
         "protocol": args.protocol,
+        "seed": args.seed,
         "calibration_tokens_sha256": calib_sha,
         "dense": dense,
         "runs": rows,
     }
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))
     text = (
-        f"### {args.model}, protocol {args.protocol}, {started}\n\n`{result['command']}` on {result['machine']};"
+        f"### {args.model}, protocol {args.protocol}, calibration seed {args.seed}, {started}\n\n"
+        f"`{result['command']}` on {result['machine']};"
         f" floor (two dense forward passes of the calibration set) {dense['floor_s']:.1f} s."
         + (
             f" Zero-shot acc: mean `acc` over the seven tasks, first {args.zeroshot_limit} items each"

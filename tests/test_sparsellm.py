@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import random_tokens, tiny_model
 
-from sparsellm.engine.sequential import EngineOptions, prune_model
+from sparsellm.engine.sequential import EngineOptions, prune_model, replaying
 from sparsellm.methods import Target, make_method
 from sparsellm.methods.activations import ACTIVATIONS
 from sparsellm.methods.sparsellm import gram, relu_z_step, s_step
@@ -250,3 +250,36 @@ def test_least_squares_is_the_ridge_fit_towards_the_dense_weights():
     assert events == []
     assert (W.double() - reference).norm() / reference.norm() < 1e-5
     assert (W[:, 0] - W0[:, 0]).abs().max() < 0.05  # towards zero it would be shrunk to ~0
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "gemma3"])
+@pytest.mark.parametrize("dense_input", [False, True])
+def test_final_pass_replays_the_kept_mlp_outputs(family, dense_input, monkeypatch):
+    """The layer's output with the solver's MLP outputs replayed equals the pruned layer recomputed."""
+    from sparsellm.engine import sequential
+    from sparsellm.engine.layers import capture, run_layer
+    from sparsellm.models.adapters import adapter_for
+
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    inputs = capture(model, adapter, random_tokens(8), 4)
+    layer = adapter.decoder_layers(model)[0]
+    replays, real = [], sequential.replaying
+    monkeypatch.setattr(sequential, "replaying", lambda outputs: replays.append(outputs) or real(outputs))
+    out = torch.empty_like(inputs.hidden)
+    opts = EngineOptions(batch_size=4, dense_attention_mlp_input=dense_input)
+    method, target = make_method("sparsellm", rounds=2), Target(sparsity=0.7)
+    log = sequential.prune_layer(layer, adapter, method, target, inputs.hidden, inputs.kwargs[0], out, opts)
+    assert log.mlp["kept_round"] == 2 and "outputs" not in log.mlp
+    # Replayed only when the final pass feeds the MLP the solver's own inputs (pruned attention).
+    assert (replays[0] is None) == dense_input
+    recomputed = run_layer(layer, inputs.hidden, inputs.kwargs[0], 4)
+    assert torch.allclose(out, recomputed, rtol=1e-5, atol=1e-5)
+    assert log.recon_error > 0
+
+
+def test_replay_refuses_outputs_left_unused():
+    linear = torch.nn.Linear(4, 3)
+    with pytest.raises(RuntimeError, match="exactly once"), replaying({linear: torch.zeros(10, 3)}):
+        linear(torch.zeros(2, 4))
+    assert torch.equal(linear(torch.zeros(1, 4)), linear.bias.detach()[None])  # the real forward is back

@@ -102,6 +102,38 @@ def mlp_inputs(layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict
     return x_mlp
 
 
+@contextlib.contextmanager
+def replaying(outputs: dict[nn.Linear, torch.Tensor] | None):
+    """While active, each linear in `outputs` returns the next rows of its cached output instead of computing;
+    on exit every row must have been returned once.
+
+    SparseLLM's solver has already computed its kept MLP's outputs on exactly the inputs the final pass feeds
+    it, so replaying them saves the MLP's three products there (the layer's norms, attention and residuals run
+    as usual: no architecture knowledge needed here).
+    """
+    outputs = outputs or {}
+    served = dict.fromkeys(outputs, 0)
+
+    def replay(linear: nn.Linear):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            rows = x.numel() // x.shape[-1]
+            cached = outputs[linear][served[linear] : served[linear] + rows]
+            served[linear] += rows
+            return cached.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+        return forward
+
+    for linear in outputs:
+        linear.forward = replay(linear)
+    try:
+        yield
+    finally:
+        for linear in outputs:
+            del linear.forward
+    if any(served[linear] != len(outputs[linear]) for linear in outputs):
+        raise RuntimeError("replayed MLP outputs were not consumed exactly once (the final pass changed)")
+
+
 @torch.no_grad()
 def finish_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict, dense_out: torch.Tensor, batch_size: int) -> float:
     """Overwrite `dense_out` with the pruned layer's outputs; return the relative squared error (all ranks)."""
@@ -142,11 +174,16 @@ def prune_layer(
         dense_x_mlp = mlp_inputs(layer, adapter, x, kwargs, opts)
     for i, group in enumerate(groups):
         log.events += prune_site_group(layer, group, method, target, x, kwargs, opts, dense_out=out if i == 0 else None)
+    replay = None
     if method.joint_mlp:
         x_mlp = dense_x_mlp if dense_x_mlp is not None else mlp_inputs(layer, adapter, x, kwargs, opts)
         log.mlp = method.prune_mlp(adapter.mlp(layer), x_mlp, target)
         log.events += log.mlp.pop("events", [])
-    log.recon_error = finish_layer(layer, x, kwargs, out, opts.batch_size)
+        outputs = log.mlp.pop("outputs", None)
+        # The final pass feeds the MLP x_mlp again, unless x_mlp was taken before attention was pruned.
+        replay = outputs if dense_x_mlp is None else None
+    with replaying(replay):
+        log.recon_error = finish_layer(layer, x, kwargs, out, opts.batch_size)
     log.seconds = time.perf_counter() - t0
     return log
 

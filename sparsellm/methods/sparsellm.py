@@ -202,8 +202,10 @@ class _Solver:
             self.y_target = self.p @ self.dense["down"].T  # Y - b2: what P Wd^T must reproduce
         self.hx = gram(x, self.n)
         self.x_mean = parallel.all_sum(x.sum(0)) / self.n  # (Z - b1)^T X = Z^T X - b1 sum(X): no N x f copy
-        self.up_out = torch.empty_like(self.z)  # sparse up/gate outputs of the current round (see evaluate)
+        # The current round's sparse up/gate outputs (reused by its z- and s-steps) and MLP output (see evaluate).
+        self.up_out = torch.empty_like(self.z)
         self.gate_out = torch.empty_like(self.s) if self.gated else None
+        self.mlp_out = torch.empty_like(x)
         sq = lambda t: sum_sq(t) if t is not None else 0.0  # noqa: E731
         # Normalise each term by its dense target's squared norm: the weights become scale-free.
         y = self.y_target if mlp.down.bias is None else self.y_target + self.b2
@@ -246,7 +248,8 @@ class _Solver:
         """(real MLP output error ||Y - mlp(X)||^2 / ||Y||^2, its per-token form mean_t ||y_t - mlp(x_t)||^2 /
         ||y_t||^2, objective) in one pass over the tokens.
 
-        It also caches the sparse up/gate outputs M, N, which the z- and s-steps of this round reuse. The output
+        It also caches the sparse up/gate outputs M, N, which the z- and s-steps of this round reuse, and the
+        MLP's output, which the engine's final pass replays if this round is kept. The output
         term ||Y - b2 - P Wd^T||^2 is summed token by token: expanded from the W-step's statistics it would save
         a product, but it is a small difference of large fp32 terms and came out negative on real layers.
         """
@@ -260,13 +263,21 @@ class _Solver:
             if self.gated:
                 n = torch.mm(x, wg.T, out=self.gate_out[sl])
                 obj += self.a_s * sq_dist(self.s[sl], n)
-            per_token = (y - self._hidden(m, n if self.gated else None) @ wd.T).pow_(2).sum(1)
+            out = torch.mm(self._hidden(m, n if self.gated else None), wd.T, out=self.mlp_out[sl])
+            per_token = (y - out).pow_(2).sum(1)
             err += per_token.sum().item()
             token_err += (per_token / self.y_token_sq[sl]).sum().item()
             obj += self.g * sq_dist(p, self._hidden(z, self.s[sl] if self.gated else None))
             obj += self.b * sq_dist(y, p @ wd.T)
         err, token_err, obj = parallel.all_sum_floats(err, token_err, obj)
         return err / self.y_norm, token_err / self.n, obj
+
+    def _outputs(self) -> dict[torch.nn.Linear, torch.Tensor]:
+        """Each linear's output on the MLP inputs, in token order, as the last round's weights compute them."""
+        outputs = {self.mlp.up: self.up_out, self.mlp.down: self.mlp_out.add_(self.b2)}
+        if self.gated:
+            outputs[self.mlp.gate] = self.gate_out
+        return outputs
 
     def p_step(self) -> None:
         """P = argmin g ||P - H||^2 + b ||Y - b2 - P Wd^T||^2 with H = h(Z, S), in residual form.
@@ -326,6 +337,7 @@ class _Solver:
         for k, lin in self._linears().items():
             lin.weight.data.copy_(kept[k])
         return {
+            "outputs": self._outputs() if best + 1 == self.m.rounds else None,
             "objective": curve,
             "output_error": errors,
             "token_error": token_errors,
