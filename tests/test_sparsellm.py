@@ -252,15 +252,17 @@ def test_least_squares_is_the_ridge_fit_towards_the_dense_weights():
     assert (W[:, 0] - W0[:, 0]).abs().max() < 0.05  # towards zero it would be shrunk to ~0
 
 
-@pytest.mark.parametrize("family", ["opt", "llama", "gemma3"])
-@pytest.mark.parametrize("dense_input", [False, True])
-def test_final_pass_replays_the_kept_mlp_outputs(family, dense_input, monkeypatch):
+REPLAY_CASES = [(f, d, torch.float32) for f in ("opt", "llama", "gemma3") for d in (False, True)]
+
+
+@pytest.mark.parametrize("family, dense_input, dtype", [*REPLAY_CASES, ("llama", False, torch.bfloat16)])
+def test_final_pass_replays_the_kept_mlp_outputs(family, dense_input, dtype, monkeypatch):
     """The layer's output with the solver's MLP outputs replayed equals the pruned layer recomputed."""
     from sparsellm.engine import sequential
     from sparsellm.engine.layers import capture, run_layer
     from sparsellm.models.adapters import adapter_for
 
-    model = tiny_model(family)
+    model = tiny_model(family).to(dtype)
     adapter = adapter_for(model)
     inputs = capture(model, adapter, random_tokens(8), 4)
     layer = adapter.decoder_layers(model)[0]
@@ -271,8 +273,8 @@ def test_final_pass_replays_the_kept_mlp_outputs(family, dense_input, monkeypatc
     method, target = make_method("sparsellm", rounds=2), Target(sparsity=0.7)
     log = sequential.prune_layer(layer, adapter, method, target, inputs.hidden, inputs.kwargs[0], out, opts)
     assert log.mlp["kept_round"] == 2 and "outputs" not in log.mlp
-    # Replayed only when the final pass feeds the MLP the solver's own inputs (pruned attention).
-    assert (replays[0] is None) == dense_input
+    # Replayed only when the final pass feeds the MLP the solver's own inputs (pruned attention), in fp32.
+    assert (replays[0] is None) == (dense_input or dtype != torch.float32)
     recomputed = run_layer(layer, inputs.hidden, inputs.kwargs[0], 4)
     assert torch.allclose(out, recomputed, rtol=1e-5, atol=1e-5)
     assert log.recon_error > 0
