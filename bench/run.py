@@ -93,6 +93,7 @@ def calibration(model: str, protocol: str, seed: int, out: Path) -> tuple[Path, 
     m, tok = sparsellm.load(model)
     proto = named_protocol(protocol)
     tokens = texts.calibration(tok, texts.corpus("c4", "train"), proto.nsamples, seqlen_for(m, proto, None), seed=seed)
+    out.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a bad --model leaves no folder behind
     path = out / "calibration.pt"
     torch.save(tokens, path)
     return path, tensor_sha256(tokens.to(torch.int64))
@@ -246,7 +247,6 @@ def plots(rows: list[dict], out: Path) -> None:
 
 def main() -> None:
     args = parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     methods, targets = args.methods.split(","), args.sparsities.split(",")
     use_peer = not args.no_peer and PEER_PYTHON.exists()
     if not args.no_peer and not use_peer:
@@ -301,4 +301,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from sparsellm.errors import UserError
+
+    try:
+        main()
+    except UserError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +120,16 @@ def test_unknown_architecture_missing_model_and_busy_output(gpt2_folder, tmp_pat
     assert r.returncode == 2 and "Traceback" not in r.stderr
     r = run("prune", str(gpt2_folder), "--sparsity", "0.5", "--out", str(tmp_path / "new" / "parents" / "o"))
     assert (tmp_path / "new" / "parents").is_dir()  # a missing parent is created (then the architecture is refused)
+
+
+def test_bench_refuses_a_missing_model_in_one_line_and_leaves_no_folder(tmp_path):
+    bench = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(bench), "--model", str(tmp_path / "nothing-here"), "--no-peer", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("bench: error: model not found")
+    assert not out.exists()
 
 
 def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path):
