@@ -180,10 +180,8 @@ def prune_layer(
         log.mlp = method.prune_mlp(adapter.mlp(layer), x_mlp, target)
         log.events += log.mlp.pop("events", [])
         outputs = log.mlp.pop("outputs", None)
-        # The final pass feeds the MLP x_mlp again, unless x_mlp was taken before attention was pruned; the
-        # solver computed in fp32, so a half-precision MLP recomputes (the next layer sees what the model computes).
-        same = dense_x_mlp is None and adapter.mlp(layer).up.weight.dtype == torch.float32
-        replay = outputs if same else None
+        # The final pass feeds the MLP x_mlp again, unless x_mlp was taken before attention was pruned.
+        replay = outputs if dense_x_mlp is None else None
     with replaying(replay):
         log.recon_error = finish_layer(layer, x, kwargs, out, opts.batch_size)
     log.seconds = time.perf_counter() - t0

@@ -89,8 +89,9 @@ class Method:
     """One pruning method. Subclasses set `name` and `statistic` and implement `prune`.
 
     `joint_mlp` methods (SparseLLM) also implement `prune_mlp`, and the engine hands them the whole MLP; the
-    log it returns may carry `outputs` ({linear: its output on the given inputs, [N, out]}), which the engine
-    replays instead of recomputing the MLP, and `events`, which it logs; the rest goes into the report.
+    log it returns may carry `outputs` ({linear: its output on the given inputs, [N, out], exactly as the linear
+    computes it}), which the engine replays instead of recomputing the MLP, and `events`, which it logs; the
+    rest goes into the report.
     """
 
     name: ClassVar[str] = ""

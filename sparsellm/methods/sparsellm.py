@@ -336,8 +336,10 @@ class _Solver:
                 self.z_and_s_steps()
         for k, lin in self._linears().items():
             lin.weight.data.copy_(kept[k])
+        # Only the last round's outputs are cached, and only an fp32 MLP computes them as the solver did (fp32).
+        replayable = best + 1 == self.m.rounds and self.mlp.up.weight.dtype == torch.float32
         return {
-            "outputs": self._outputs() if best + 1 == self.m.rounds else None,
+            "outputs": self._outputs() if replayable else None,
             "objective": curve,
             "output_error": errors,
             "token_error": token_errors,
