@@ -219,16 +219,26 @@ def test_p_step_is_the_exact_minimiser(kind):
 
     mlp, X = synthetic_mlp(kind)
     solver = _Solver(make_method("sparsellm"), mlp, X, Target(sparsity=0.7))
+
+    def direct():
+        wd, g, b = mlp.down.weight.data.double(), solver.g, solver.b
+        h = (mlp.act(solver.s) * solver.z if kind == "gated" else mlp.act(solver.z)).double()
+        lhs = b * wd.T @ wd + g * torch.eye(wd.shape[1], dtype=torch.float64)
+        return torch.linalg.solve(lhs, (b * solver.y_target.double() @ wd + g * h).T).T
+
     solver.w_steps(first=True)
     solver.evaluate()
+    expected = direct()
+    solver.p_step()  # the first: P = h(Z, S), its residual taken from the evaluation
+    assert (solver.p.double() - expected).norm() / expected.norm() < 1e-4  # fp32, condition number ~130: ~1e-5
+    solver.z_and_s_steps()
+    solver.w_steps(first=False)
+    solver.evaluate()
     noise = torch.randn(solver.z.shape, generator=torch.Generator().manual_seed(4))
-    solver.z = solver.z + 0.1 * noise  # targets the dense P no longer fits exactly
+    solver.z = solver.z + 0.1 * noise  # a later one: h(Z, S) far from P, the residual computed anew
+    expected = direct()
     solver.p_step()
-    wd, g, b = mlp.down.weight.data.double(), solver.g, solver.b
-    h = (mlp.act(solver.s) * solver.z if kind == "gated" else mlp.act(solver.z)).double()
-    lhs = b * wd.T @ wd + g * torch.eye(wd.shape[1], dtype=torch.float64)
-    direct = torch.linalg.solve(lhs, (b * solver.y_target.double() @ wd + g * h).T).T
-    assert (solver.p.double() - direct).norm() / direct.norm() < 1e-4  # fp32, condition number ~130: ~1e-5
+    assert (solver.p.double() - expected).norm() / expected.norm() < 1e-4
 
 
 def test_least_squares_is_the_ridge_fit_towards_the_dense_weights():

@@ -206,6 +206,9 @@ class _Solver:
         self.up_out = torch.empty_like(self.z)
         self.gate_out = torch.empty_like(self.s) if self.gated else None
         self.mlp_out = torch.empty_like(x)
+        # Y - b2 - P Wd^T from the last evaluation; until the first p-step P = h(Z, S), and it is the p-step's residual.
+        self.residual = torch.empty_like(x)
+        self.p_is_hidden = True
         sq = lambda t: sum_sq(t) if t is not None else 0.0  # noqa: E731
         # Normalise each term by its dense target's squared norm: the weights become scale-free.
         y = self.y_target if mlp.down.bias is None else self.y_target + self.b2
@@ -217,6 +220,7 @@ class _Solver:
         self.y_token_sq = token_sq.clamp_min(1e-6 * self.y_norm / self.n)  # a near-zero output cannot dominate
         self.a_z, self.g, self.b = method.alpha / z_sq, method.gamma / p_sq, method.beta / y_sq
         self.a_s = method.alpha / s_sq if self.gated else 0.0
+        self.hidden_gap = 0.0  # ||P - h(Z, S)||^2, kept by the z/s-steps (P starts as h(Z, S) exactly)
         self.events: list[str] = []
 
     def _linears(self) -> dict[str, torch.nn.Linear]:
@@ -267,8 +271,8 @@ class _Solver:
             per_token = (y - out).pow_(2).sum(1)
             err += per_token.sum().item()
             token_err += (per_token / self.y_token_sq[sl]).sum().item()
-            obj += self.g * sq_dist(p, self._hidden(z, self.s[sl] if self.gated else None))
-            obj += self.b * sq_dist(y, p @ wd.T)
+            obj += self.b * sum_sq(torch.addmm(y, p, wd.T, alpha=-1.0, out=self.residual[sl]))
+        obj += self.g * self.hidden_gap
         err, token_err, obj = parallel.all_sum_floats(err, token_err, obj)
         return err / self.y_norm, token_err / self.n, obj
 
@@ -284,7 +288,8 @@ class _Solver:
 
         With P = H + D the problem is ridge regression of the output residual R = Y - b2 - H Wd^T on Wd:
         D = R (Wd Wd^T + g/b I)^-1 Wd (Woodbury's d x d form of (b Wd^T Wd + g I)^-1: no f x f factorisation).
-        Two N x d x f products per token chunk: H Wd^T and R L, with L = (Wd Wd^T + g/b I)^-1 Wd computed once.
+        Two N x d x f products per token chunk: H Wd^T and R L, with L = (Wd Wd^T + g/b I)^-1 Wd computed once;
+        in the first p-step P = H, so R is the residual the evaluation just computed (it must come right after one).
         """
         wd = self.mlp.down.weight.data.float()
         gram_wd = wd @ wd.T
@@ -294,14 +299,20 @@ class _Solver:
         lift = torch.cholesky_solve(wd, chol)
         for sl in _chunks(self.x.shape[0]):
             h = self._hidden(self.z[sl], self.s[sl] if self.gated else None)
-            residual = torch.addmm(self.y_target[sl], h, wd.T, alpha=-1.0)
+            residual = self.residual[sl] if self.p_is_hidden else torch.addmm(self.y_target[sl], h, wd.T, alpha=-1.0)
             torch.addmm(h, residual, lift, out=self.p[sl])
+        self.p_is_hidden = False
 
     def z_and_s_steps(self) -> None:
         """Z exactly, then S by safeguarded Newton, per element. Each 1-D problem is divided by its first weight:
-        the normalised weights are ~1e-7, their per-element terms fell into fp32's denormals, ~3x slower."""
+        the normalised weights are ~1e-7, their per-element terms fell into fp32's denormals, ~3x slower.
+
+        The objective's ||P - h(Z, S)||^2 is summed here, each chunk while it is in cache: this step follows every
+        p-step, and neither P nor h(Z, S) changes again before the next evaluation.
+        """
         g_z = self.g / self.a_z
         g_s = self.g / self.a_s if self.gated else 0.0
+        self.hidden_gap = 0.0
         for sl in _chunks(self.x.shape[0], ELEMENTWISE_CHUNK):
             m, p = self.up_out[sl], self.p[sl]
             if self.gated:
@@ -312,6 +323,7 @@ class _Solver:
                 self.s[sl] = s_step(self.s[sl], n, p, z, 1.0, g_s, self.act, self.m.newton_steps, self.m.multistart)
             else:
                 self.z[sl] = relu_z_step(m, p, 1.0, g_z)
+            self.hidden_gap += sq_dist(p, self._hidden(self.z[sl], self.s[sl] if self.gated else None))
 
     def run(self) -> dict:
         """Alternate for the given rounds; keep the round with the lowest mean per-token relative output error.
