@@ -31,7 +31,7 @@ def mlp_inputs_at(model, adapter, tokens, layer_index):
     for i in range(layer_index):
         x = run_layer(adapter.decoder_layers(model)[i], x, inputs.kwargs[i], 8)
     layer = adapter.decoder_layers(model)[layer_index]
-    return mlp_inputs(layer, adapter, x, inputs.kwargs[layer_index], EngineOptions())
+    return mlp_inputs(layer, adapter, x, inputs.kwargs[layer_index], EngineOptions())[0]
 
 
 def main() -> None:

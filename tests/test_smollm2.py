@@ -83,7 +83,7 @@ def test_sparsellm_generalises_better_than_sparsegpt_at_2_4(smollm2):
 
     def inputs(n, seed):
         captured = capture(model, adapter, texts.calibration(tok, c4, n, 512, seed=seed), 8)
-        return mlp_inputs(layer, adapter, captured.hidden, captured.kwargs[0], EngineOptions())
+        return mlp_inputs(layer, adapter, captured.hidden, captured.kwargs[0], EngineOptions())[0]
 
     x_fit, x_held = inputs(8, 0), inputs(4, 1)
     with torch.no_grad():

@@ -270,7 +270,7 @@ def test_final_pass_replays_the_kept_mlp_outputs(family, dense_input, dtype, mon
     """The layer's output with the solver's MLP outputs replayed equals the pruned layer recomputed."""
     from sparsellm.engine import sequential
     from sparsellm.engine.layers import capture, run_layer
-    from sparsellm.models.adapters import adapter_for
+    from sparsellm.models.adapters import adapter_for, submodule
 
     model = tiny_model(family).to(dtype)
     adapter = adapter_for(model)
@@ -283,8 +283,10 @@ def test_final_pass_replays_the_kept_mlp_outputs(family, dense_input, dtype, mon
     method, target = make_method("sparsellm", rounds=2), Target(sparsity=0.7)
     log = sequential.prune_layer(layer, adapter, method, target, inputs.hidden, inputs.kwargs[0], out, opts)
     assert log.mlp["kept_round"] == 2 and "outputs" not in log.mlp
-    # Replayed only when the final pass feeds the MLP the solver's own inputs (pruned attention), in fp32.
-    assert (replays[0] is None) == (dense_input or dtype != torch.float32)
+    # Replayed only when the final pass feeds the MLP the solver's own inputs (pruned attention): the attention's
+    # outputs always then, the MLP's when it is fp32.
+    assert (adapter.mlp(layer).down in replays[0]) == (not dense_input and dtype == torch.float32)
+    assert (submodule(layer, adapter.attention) in replays[0]) == (not dense_input)
     recomputed = run_layer(layer, inputs.hidden, inputs.kwargs[0], 4)
     assert torch.allclose(out, recomputed, rtol=1e-5, atol=1e-5)
     assert log.recon_error > 0
@@ -292,6 +294,9 @@ def test_final_pass_replays_the_kept_mlp_outputs(family, dense_input, dtype, mon
 
 def test_replay_refuses_outputs_left_unused():
     linear = torch.nn.Linear(4, 3)
-    with pytest.raises(RuntimeError, match="exactly once"), replaying({linear: torch.zeros(10, 3)}):
-        linear(torch.zeros(2, 4))
+    with pytest.raises(RuntimeError, match="exactly once"), replaying({linear: [torch.zeros(2, 3)] * 2}):
+        assert torch.equal(linear(torch.ones(2, 4)), torch.zeros(2, 3))
+    with pytest.raises(RuntimeError, match="more often"), replaying({linear: [torch.zeros(2, 3)]}):
+        linear(torch.ones(2, 4))
+        linear(torch.ones(2, 4))
     assert torch.equal(linear(torch.zeros(1, 4)), linear.bias.detach()[None])  # the real forward is back

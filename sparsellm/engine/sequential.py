@@ -75,19 +75,27 @@ def prune_site_group(
 
 
 @torch.no_grad()
-def mlp_inputs(layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict, opts: EngineOptions) -> torch.Tensor:
-    """The MLP's input for every calibration token, [N, d], as the layer currently computes it.
+def mlp_inputs(
+    layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict, opts: EngineOptions
+) -> tuple[torch.Tensor, list]:
+    """The MLP's input for every calibration token, [N, d], as the layer currently computes it, and the
+    attention's output of every batch (for `replaying`; its attention weights, which layers discard, dropped).
 
     The forward stops as soon as the MLP's first linear is reached: the MLP itself need not run.
     """
     chunks: list[torch.Tensor] = []
+    attention: list = []
 
     def record(_module, args):
         chunks.append(args[0].reshape(-1, args[0].shape[-1]).float())
         raise StopForward
 
+    def record_attention(_module, _args, out):
+        attention.append((out[0], *(None for _ in out[1:])) if isinstance(out, tuple) else out)
+
     mlp = adapter.mlp(layer)
     handles = [lin.register_forward_pre_hook(record) for lin in (mlp.up, mlp.gate) if lin is not None]
+    handles.append(submodule(layer, adapter.attention).register_forward_hook(record_attention))
     try:
         for start in range(0, x.shape[0], opts.batch_size):
             with contextlib.suppress(StopForward):
@@ -99,39 +107,48 @@ def mlp_inputs(layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict
     (bad,) = parallel.all_sum_floats(float(not torch.isfinite(x_mlp).all()))  # every rank must stop together
     if bad:
         raise UserError("the MLP inputs hold NaN/Inf (the model or its data is broken); nothing was saved")
-    return x_mlp
+    return x_mlp, attention
+
+
+def per_batch(rows: torch.Tensor, x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Token rows [N, k] of the windows x [n, T, d], cut into the outputs of the engine's batches, [b, T, k]."""
+    seqlen = x.shape[1]
+    return [rows[start * seqlen : (start + batch_size) * seqlen].view(-1, seqlen, rows.shape[-1])
+            for start in range(0, x.shape[0], batch_size)]  # fmt: skip
 
 
 @contextlib.contextmanager
-def replaying(outputs: dict[nn.Linear, torch.Tensor] | None):
-    """While active, each linear in `outputs` returns the next rows of its cached output instead of computing;
-    on exit every row must have been returned once.
+def replaying(outputs: dict[nn.Module, list]):
+    """While active, each module in `outputs` returns its recorded outputs, one per call, in order, instead of
+    computing; on exit every one must have been returned exactly once.
 
-    SparseLLM's solver has already computed its kept MLP's outputs on exactly the inputs the final pass feeds
-    it, so replaying them saves the MLP's three products there (the layer's norms, attention and residuals run
-    as usual: no architecture knowledge needed here).
+    SparseLLM's final pass feeds each layer the inputs it was just run on: the attention's outputs were
+    recorded on the way to the MLP inputs, and the solver computed its kept MLP's outputs, so replaying them
+    leaves only the norms and residual adds to run (no architecture knowledge needed here).
     """
-    outputs = outputs or {}
     served = dict.fromkeys(outputs, 0)
 
-    def replay(linear: nn.Linear):
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            rows = x.numel() // x.shape[-1]
-            cached = outputs[linear][served[linear] : served[linear] + rows]
-            served[linear] += rows
-            return cached.reshape(*x.shape[:-1], -1).to(x.dtype)
+    def replay(module: nn.Module):
+        def forward(*args, **_kwargs):
+            if served[module] == len(outputs[module]):
+                raise RuntimeError("a replayed module was called more often than recorded (the final pass changed)")
+            served[module] += 1
+            out = outputs[module][served[module] - 1]
+            if torch.is_tensor(out) and args and torch.is_tensor(args[0]):  # a linear's: shaped as its input asks
+                out = out.reshape(*args[0].shape[:-1], -1)  # (OPT flattens the tokens before fc1)
+            return out
 
         return forward
 
-    for linear in outputs:
-        linear.forward = replay(linear)
+    for module in outputs:
+        module.forward = replay(module)
     try:
         yield
     finally:
-        for linear in outputs:
-            del linear.forward
-    if any(served[linear] != len(outputs[linear]) for linear in outputs):
-        raise RuntimeError("replayed MLP outputs were not consumed exactly once (the final pass changed)")
+        for module in outputs:
+            del module.forward
+    if any(served[module] != len(outputs[module]) for module in outputs):
+        raise RuntimeError("replayed outputs were not consumed exactly once (the final pass changed)")
 
 
 @torch.no_grad()
@@ -171,17 +188,20 @@ def prune_layer(
     groups = [[s] for s in sites] if opts.true_sequential else [sites]
     dense_x_mlp = None
     if method.joint_mlp and opts.dense_attention_mlp_input:
-        dense_x_mlp = mlp_inputs(layer, adapter, x, kwargs, opts)
+        dense_x_mlp, _ = mlp_inputs(layer, adapter, x, kwargs, opts)
     for i, group in enumerate(groups):
         log.events += prune_site_group(layer, group, method, target, x, kwargs, opts, dense_out=out if i == 0 else None)
-    replay = None
+    replay = {}
     if method.joint_mlp:
-        x_mlp = dense_x_mlp if dense_x_mlp is not None else mlp_inputs(layer, adapter, x, kwargs, opts)
-        log.mlp = method.prune_mlp(adapter.mlp(layer), x_mlp, target)
+        if dense_x_mlp is None:
+            x_mlp, attention = mlp_inputs(layer, adapter, x, kwargs, opts)
+            replay[submodule(layer, adapter.attention)] = attention
+        log.mlp = method.prune_mlp(adapter.mlp(layer), x_mlp if dense_x_mlp is None else dense_x_mlp, target)
         log.events += log.mlp.pop("events", [])
         outputs = log.mlp.pop("outputs", None)
         # The final pass feeds the MLP x_mlp again, unless x_mlp was taken before attention was pruned.
-        replay = outputs if dense_x_mlp is None else None
+        if outputs and dense_x_mlp is None:
+            replay |= {linear: per_batch(rows, x, opts.batch_size) for linear, rows in outputs.items()}
     with replaying(replay):
         log.recon_error = finish_layer(layer, x, kwargs, out, opts.batch_size)
     log.seconds = time.perf_counter() - t0

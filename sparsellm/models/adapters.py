@@ -60,6 +60,7 @@ class Adapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
     sites: tuple[Site, ...] = ()
+    attention: str = "self_attn"  # the layer's attention module, whose first output joins the residual stream
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
