@@ -193,10 +193,10 @@ def prune_layer(
         log.events += prune_site_group(layer, group, method, target, x, kwargs, opts, dense_out=out if i == 0 else None)
     replay = {}
     if method.joint_mlp:
-        if dense_x_mlp is None:
-            x_mlp, attention = mlp_inputs(layer, adapter, x, kwargs, opts)
-            replay[submodule(layer, adapter.attention)] = attention
-        log.mlp = method.prune_mlp(adapter.mlp(layer), x_mlp if dense_x_mlp is None else dense_x_mlp, target)
+        x_mlp = dense_x_mlp
+        if x_mlp is None:  # taken after attention was pruned: the final pass runs this attention on these inputs
+            x_mlp, replay[submodule(layer, adapter.attention)] = mlp_inputs(layer, adapter, x, kwargs, opts)
+        log.mlp = method.prune_mlp(adapter.mlp(layer), x_mlp, target)
         log.events += log.mlp.pop("events", [])
         outputs = log.mlp.pop("outputs", None)
         # The final pass feeds the MLP x_mlp again, unless x_mlp was taken before attention was pruned.
