@@ -267,7 +267,7 @@ REPLAY_CASES = [(f, d, torch.float32) for f in ("opt", "llama", "gemma3") for d 
 
 @pytest.mark.parametrize("family, dense_input, dtype", [*REPLAY_CASES, ("llama", False, torch.bfloat16)])
 def test_final_pass_replays_the_kept_mlp_outputs(family, dense_input, dtype, monkeypatch):
-    """The layer's output with the solver's MLP outputs replayed equals the pruned layer recomputed."""
+    """The layer's output with the attention's and the MLP's outputs replayed equals the pruned layer recomputed."""
     from sparsellm.engine import sequential
     from sparsellm.engine.layers import capture, run_layer
     from sparsellm.models.adapters import adapter_for, submodule
