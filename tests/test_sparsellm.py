@@ -87,12 +87,12 @@ def test_the_kept_round_is_chosen_per_token_not_by_a_few_huge_outputs(monkeypatc
     disagree on the best round, the per-token one decides."""
     from sparsellm.methods.sparsellm import _Solver
 
-    evaluate = _Solver.evaluate
+    sweep = _Solver.sweep
     disagree = iter([(1.0, 1.0), (0.5, 1.2), (0.4, 1.3)])  # (global, per-token): global falls, per-token rises
-    monkeypatch.setattr(_Solver, "evaluate", lambda self: (*next(disagree), evaluate(self)[-1]))
+    monkeypatch.setattr(_Solver, "sweep", lambda self, last: (*next(disagree), sweep(self, last)[-1]))
     log = make_method("sparsellm", rounds=3).prune_mlp(*synthetic_mlp("gated"), Target(sparsity=0.7))
     assert log["kept_round"] == 1
-    monkeypatch.setattr(_Solver, "evaluate", evaluate)
+    monkeypatch.setattr(_Solver, "sweep", sweep)
 
     mlp, X = synthetic_mlp("gated")
     X[::300] *= 30.0  # 10 of 3000 tokens: outputs ~1000x larger in square
@@ -195,7 +195,6 @@ def test_logged_objective_equals_its_direct_formula(kind):
     solver = _Solver(make_method("sparsellm"), mlp, X, Target(sparsity=0.7))
     for first in (True, False):
         solver.w_steps(first=first)
-        objective = solver.evaluate()[-1]
         wu, wd = mlp.up.weight.data, mlp.down.weight.data
         direct = solver.a_z * (solver.z - X @ wu.T - solver.b1).pow(2).sum()
         direct += (
@@ -207,9 +206,7 @@ def test_logged_objective_equals_its_direct_formula(kind):
         direct += solver.b * (solver.y_target - solver.p @ wd.T).pow(2).sum()
         if kind == "gated":
             direct += solver.a_s * (solver.s - X @ mlp.gate.weight.data.T).pow(2).sum()
-        assert objective == pytest.approx(direct.item(), rel=1e-4)
-        solver.p_step()
-        solver.z_and_s_steps()
+        assert solver.sweep(last=False)[-1] == pytest.approx(direct.item(), rel=1e-4)  # measured before the steps
 
 
 @pytest.mark.parametrize("kind", ["gated", "relu"])
@@ -227,17 +224,14 @@ def test_p_step_is_the_exact_minimiser(kind):
         return torch.linalg.solve(lhs, (b * solver.y_target.double() @ wd + g * h).T).T
 
     solver.w_steps(first=True)
-    solver.evaluate()
     expected = direct()
-    solver.p_step()  # the first: P = h(Z, S), its residual taken from the evaluation
+    solver.sweep(last=False)  # the first p-step: P = h(Z, S), its residual the one the sweep measured
     assert (solver.p.double() - expected).norm() / expected.norm() < 1e-4  # fp32, condition number ~130: ~1e-5
-    solver.z_and_s_steps()
     solver.w_steps(first=False)
-    solver.evaluate()
     noise = torch.randn(solver.z.shape, generator=torch.Generator().manual_seed(4))
-    solver.z = solver.z + 0.1 * noise  # a later one: h(Z, S) far from P, the residual computed anew
+    solver.z += 0.1 * noise  # a later one: h(Z, S) far from P, the residual computed anew
     expected = direct()
-    solver.p_step()
+    solver.sweep(last=False)
     assert (solver.p.double() - expected).norm() / expected.norm() < 1e-4
 
 

@@ -19,7 +19,8 @@ Every term is normalised by the squared norm of its dense target, so one (alpha,
 layers and families. Round 1 fits the dense targets, whose least-squares solutions are the dense weights,
 so round 1 is exactly SparseGPT. After each W-step the real MLP's output error ||Y - mlp(X)||^2 / ||Y||^2 is
 measured, globally and per token; the round with the lowest mean per-token relative error is kept (never a
-worse last round).
+worse last round). Steps (2)-(4) are row-wise: one pass over the tokens measures the round and updates each
+chunk in turn, so the solver holds three N x f tensors (Z, S, P), not the sparse up/gate outputs as well.
 """
 
 from __future__ import annotations
@@ -198,17 +199,13 @@ class _Solver:
         with torch.no_grad():
             self.z = torch.addmm(self.b1, x, self.dense["up"].T)
             self.s = x @ self.dense["gate"].T if self.gated else None
-            self.p = self._hidden(self.z, self.s)
+            self.p = torch.empty_like(self.z)
+            for sl in _chunks(x.shape[0]):  # chunked: no N x f temporary for act(S)
+                self.p[sl] = self._hidden(self.z[sl], self._s(sl))
             self.y_target = self.p @ self.dense["down"].T  # Y - b2: what P Wd^T must reproduce
         self.hx = gram(x, self.n)
         self.x_mean = parallel.all_sum(x.sum(0)) / self.n  # (Z - b1)^T X = Z^T X - b1 sum(X): no N x f copy
-        # The current round's sparse up/gate outputs (reused by its z- and s-steps) and MLP output (see evaluate).
-        self.up_out = torch.empty_like(self.z)
-        self.gate_out = torch.empty_like(self.s) if self.gated else None
-        self.mlp_out = torch.empty_like(x)
-        # Y - b2 - P Wd^T from the last evaluation; until the first p-step P = h(Z, S), and it is the p-step's residual.
-        self.residual = torch.empty_like(x)
-        self.p_is_hidden = True
+        self.p_is_hidden = True  # P = h(Z, S) until the first p-step
         sq = lambda t: sum_sq(t) if t is not None else 0.0  # noqa: E731
         # Normalise each term by its dense target's squared norm: the weights become scale-free.
         y = self.y_target if mlp.down.bias is None else self.y_target + self.b2
@@ -220,7 +217,7 @@ class _Solver:
         self.y_token_sq = token_sq.clamp_min(1e-6 * self.y_norm / self.n)  # a near-zero output cannot dominate
         self.a_z, self.g, self.b = method.alpha / z_sq, method.gamma / p_sq, method.beta / y_sq
         self.a_s = method.alpha / s_sq if self.gated else 0.0
-        self.hidden_gap = 0.0  # ||P - h(Z, S)||^2, kept by the z/s-steps (P starts as h(Z, S) exactly)
+        self.hidden_gap = 0.0  # ||P - h(Z, S)||^2, summed by the z/s-steps (P starts as h(Z, S) exactly)
         self.events: list[str] = []
 
     def _linears(self) -> dict[str, torch.nn.Linear]:
@@ -228,6 +225,9 @@ class _Solver:
         if self.gated:
             out["gate"] = self.mlp.gate
         return out
+
+    def _s(self, sl: slice) -> torch.Tensor | None:
+        return self.s[sl] if self.gated else None
 
     def _hidden(self, z, s):
         return self.act.f(s) * z if self.gated else self.act.f(z)
@@ -248,82 +248,96 @@ class _Solver:
         hp = gram(self.p, self.n)
         self._sparse_fit("down", None if first else cross(self.y_target, self.p, self.n), hp)
 
-    def evaluate(self) -> tuple[float, float, float]:
-        """(real MLP output error ||Y - mlp(X)||^2 / ||Y||^2, its per-token form mean_t ||y_t - mlp(x_t)||^2 /
-        ||y_t||^2, objective) in one pass over the tokens.
+    def sweep(self, last: bool) -> tuple[float, float, float]:
+        """One pass over the tokens with the W-steps' weights: (real MLP output error ||Y - mlp(X)||^2 / ||Y||^2,
+        its per-token form mean_t ||y_t - mlp(x_t)||^2 / ||y_t||^2, objective), then, unless `last`, the p-, z-
+        and s-steps. Those are row-wise, so each chunk of tokens is measured and updated in turn, and the sparse
+        up/gate outputs M, N that the z/s-steps need exist one chunk at a time (not as two more N x f tensors).
 
-        It also caches the sparse up/gate outputs M, N, which the z- and s-steps of this round reuse, and the
-        MLP's output, which the engine's final pass replays if this round is kept. The output
-        term ||Y - b2 - P Wd^T||^2 is summed token by token: expanded from the W-step's statistics it would save
-        a product, but it is a small difference of large fp32 terms and came out negative on real layers.
+        The last round updates nothing: its pass stores the linears' outputs, which the engine's final pass
+        replays if this round is kept, in their auxiliaries' storage (Z, S, Y), which nothing reads again.
+        The output term ||Y - b2 - P Wd^T||^2 is summed token by token: expanded from the W-step's statistics it
+        would save a product, but it is a small difference of large fp32 terms and came out negative on real layers.
         """
         wu, wd = self.mlp.up.weight.data.float(), self.mlp.down.weight.data.float()
         wg = self.mlp.gate.weight.data.float() if self.gated else None
-        err = token_err = obj = 0.0
+        lift = None if last else self._lift(wd)
+        err = token_err = obj = gap = 0.0
         for sl in _chunks(self.x.shape[0]):
-            x, z, p, y = self.x[sl], self.z[sl], self.p[sl], self.y_target[sl]
-            m = torch.addmm(self.b1, x, wu.T, out=self.up_out[sl])
-            obj += self.a_z * sq_dist(z, m)
+            x, y = self.x[sl], self.y_target[sl]
+            m = torch.addmm(self.b1, x, wu.T)
+            obj += self.a_z * sq_dist(self.z[sl], m)
+            n = x @ wg.T if self.gated else None
             if self.gated:
-                n = torch.mm(x, wg.T, out=self.gate_out[sl])
                 obj += self.a_s * sq_dist(self.s[sl], n)
-            out = torch.mm(self._hidden(m, n if self.gated else None), wd.T, out=self.mlp_out[sl])
+            out = self._hidden(m, n) @ wd.T
             per_token = (y - out).pow_(2).sum(1)
             err += per_token.sum().item()
             token_err += (per_token / self.y_token_sq[sl]).sum().item()
-            obj += self.b * sum_sq(torch.addmm(y, p, wd.T, alpha=-1.0, out=self.residual[sl]))
+            residual = torch.addmm(y, self.p[sl], wd.T, alpha=-1.0)
+            obj += self.b * sum_sq(residual)
+            if last:
+                self.z[sl], self.y_target[sl] = m, out.add_(self.b2)
+                if self.gated:
+                    self.s[sl] = n
+            else:
+                gap += self._update(sl, m, n, residual, wd, lift)
         obj += self.g * self.hidden_gap
+        self.hidden_gap = gap
+        self.p_is_hidden &= last
         err, token_err, obj = parallel.all_sum_floats(err, token_err, obj)
         return err / self.y_norm, token_err / self.n, obj
 
     def _outputs(self) -> dict[torch.nn.Linear, torch.Tensor]:
-        """Each linear's output on the MLP inputs, in token order, as the last round's weights compute them."""
-        outputs = {self.mlp.up: self.up_out, self.mlp.down: self.mlp_out.add_(self.b2)}
+        """Each linear's output on the MLP inputs, in token order, as the last sweep stored them."""
+        outputs = {self.mlp.up: self.z, self.mlp.down: self.y_target}
         if self.gated:
-            outputs[self.mlp.gate] = self.gate_out
+            outputs[self.mlp.gate] = self.s
         return outputs
 
-    def p_step(self) -> None:
-        """P = argmin g ||P - H||^2 + b ||Y - b2 - P Wd^T||^2 with H = h(Z, S), in residual form.
-
-        With P = H + D the problem is ridge regression of the output residual R = Y - b2 - H Wd^T on Wd:
-        D = R (Wd Wd^T + g/b I)^-1 Wd (Woodbury's d x d form of (b Wd^T Wd + g I)^-1: no f x f factorisation).
-        Two N x d x f products per token chunk: H Wd^T and R L, with L = (Wd Wd^T + g/b I)^-1 Wd computed once;
-        in the first p-step P = H, so R is the residual the evaluation just computed (it must come right after one).
-        """
-        wd = self.mlp.down.weight.data.float()
+    def _lift(self, wd: torch.Tensor) -> torch.Tensor:
+        """L = (Wd Wd^T + g/b I)^-1 Wd, the p-step's d x f operator (see _update)."""
         gram_wd = wd @ wd.T
         relative = (self.g / self.b) / max(torch.diag(gram_wd).mean().item(), 1e-12)  # damping = g / b
         chol, events = with_damping(gram_wd, relative, cholesky)
         self.events += [f"mlp p-step: {e}" for e in events]
-        lift = torch.cholesky_solve(wd, chol)
-        for sl in _chunks(self.x.shape[0]):
-            h = self._hidden(self.z[sl], self.s[sl] if self.gated else None)
-            residual = self.residual[sl] if self.p_is_hidden else torch.addmm(self.y_target[sl], h, wd.T, alpha=-1.0)
-            torch.addmm(h, residual, lift, out=self.p[sl])
-        self.p_is_hidden = False
+        return torch.cholesky_solve(wd, chol)
 
-    def z_and_s_steps(self) -> None:
-        """Z exactly, then S by safeguarded Newton, per element. Each 1-D problem is divided by its first weight:
-        the normalised weights are ~1e-7, their per-element terms fell into fp32's denormals, ~3x slower.
+    def _update(self, sl: slice, m, n, residual, wd, lift) -> float:
+        """The p-, z- and s-steps on the tokens `sl` (M, N: their sparse up/gate outputs; `residual`: their
+        Y - b2 - P Wd^T); returns their ||P - h(Z, S)||^2 after the steps.
 
-        The objective's ||P - h(Z, S)||^2 is summed here, each chunk while it is in cache: this step follows every
-        p-step, and neither P nor h(Z, S) changes again before the next evaluation.
+        p-step: P = argmin g ||P - H||^2 + b ||Y - b2 - P Wd^T||^2 with H = h(Z, S), in residual form. With
+        P = H + D it is ridge regression of R = Y - b2 - H Wd^T on Wd: D = R L (Woodbury's d x d form of
+        (b Wd^T Wd + g I)^-1: no f x f factorisation). Until the first p-step P = H, so R is `residual`.
         """
+        h = self._hidden(self.z[sl], self._s(sl))
+        if not self.p_is_hidden:
+            residual = torch.addmm(self.y_target[sl], h, wd.T, alpha=-1.0)
+        torch.addmm(h, residual, lift, out=self.p[sl])
+        gap = 0.0
+        for i in _chunks(m.shape[0], ELEMENTWISE_CHUNK):  # in cache-sized pieces: these steps are memory-bound
+            rows = slice(sl.start + i.start, sl.start + i.stop)
+            gap += self._z_and_s_steps(rows, m[i], n[i] if self.gated else None)
+        return gap
+
+    def _z_and_s_steps(self, sl: slice, m, n) -> float:
+        """Z exactly, then S by safeguarded Newton, per element, on the tokens `sl`; returns their
+        ||P - h(Z, S)||^2 (the objective's term, summed while they are in cache). Each 1-D problem is divided by
+        its first weight: the normalised weights are ~1e-7, their per-element terms fell into fp32's denormals,
+        ~3x slower.
+        """
+        p = self.p[sl]
         g_z = self.g / self.a_z
-        g_s = self.g / self.a_s if self.gated else 0.0
-        self.hidden_gap = 0.0
-        for sl in _chunks(self.x.shape[0], ELEMENTWISE_CHUNK):
-            m, p = self.up_out[sl], self.p[sl]
-            if self.gated:
-                gs = self.act.f(self.s[sl])
-                numerator = torch.addcmul(m, gs, p, value=g_z)
-                torch.div(numerator, gs.square_().mul_(g_z).add_(1.0), out=self.z[sl])
-                n, z = self.gate_out[sl], self.z[sl]
-                self.s[sl] = s_step(self.s[sl], n, p, z, 1.0, g_s, self.act, self.m.newton_steps, self.m.multistart)
-            else:
-                self.z[sl] = relu_z_step(m, p, 1.0, g_z)
-            self.hidden_gap += sq_dist(p, self._hidden(self.z[sl], self.s[sl] if self.gated else None))
+        if self.gated:
+            gs = self.act.f(self.s[sl])
+            numerator = torch.addcmul(m, gs, p, value=g_z)
+            torch.div(numerator, gs.square_().mul_(g_z).add_(1.0), out=self.z[sl])
+            g_s, steps = self.g / self.a_s, self.m.newton_steps
+            self.s[sl] = s_step(self.s[sl], n, p, self.z[sl], 1.0, g_s, self.act, steps, self.m.multistart)
+        else:
+            self.z[sl] = relu_z_step(m, p, 1.0, g_z)
+        return sq_dist(p, self._hidden(self.z[sl], self._s(sl)))
 
     def run(self) -> dict:
         """Alternate for the given rounds; keep the round with the lowest mean per-token relative output error.
@@ -336,19 +350,16 @@ class _Solver:
         curve, errors, token_errors, best = [], [], [], None
         for r in range(self.m.rounds):
             self.w_steps(first=r == 0)
-            error, token_error, objective = self.evaluate()
+            error, token_error, objective = self.sweep(last=r + 1 == self.m.rounds)
             errors.append(error)
             token_errors.append(token_error)
             curve.append(objective)
             if best is None or token_errors[-1] < token_errors[best]:
                 best = r
                 kept = {k: lin.weight.data.clone() for k, lin in self._linears().items()}
-            if r + 1 < self.m.rounds:
-                self.p_step()
-                self.z_and_s_steps()
         for k, lin in self._linears().items():
             lin.weight.data.copy_(kept[k])
-        # Only the last round's outputs are cached, and only an fp32 MLP computes them as the solver did (fp32).
+        # Only the last round's outputs are stored, and only an fp32 MLP computes them as the solver did (fp32).
         replayable = best + 1 == self.m.rounds and self.mlp.up.weight.dtype == torch.float32
         return {
             "outputs": self._outputs() if replayable else None,
