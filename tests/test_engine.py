@@ -79,3 +79,16 @@ def test_true_sequential_differs_and_reconstructs_no_worse():
     errors = {ts: sparsegpt_on_tiny_llama(0.7, 16, {0}, ts)[2][0].recon_error for ts in (False, True)}
     assert errors[True] != errors[False]
     assert errors[True] < errors[False] * 1.05
+
+
+@pytest.mark.parametrize("width", [24, 576, 1000])
+def test_xtx_is_the_gram_matrix_and_exactly_symmetric(width):
+    """The Hessian product: upper blocks multiplied, the lower ones mirrored; widths below, at and across the
+    384-column block size."""
+    from sparsellm.engine.stats import xtx
+
+    a = torch.randn(300, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64).float()
+    h = xtx(a)
+    assert torch.equal(h, h.T)
+    reference = a.double().T @ a.double()
+    assert (h.double() - reference).abs().max() < 1e-5 * reference.abs().max()

@@ -13,6 +13,18 @@ from torch import nn
 from . import parallel
 
 
+def xtx(a: torch.Tensor, block: int = 384) -> torch.Tensor:
+    """A^T A for A [N, k], exactly symmetric: only the blocks on and above the diagonal are multiplied, the
+    rest mirrored (~2/3 of a full product's work at k = 1536, ~4/5 at 576)."""
+    k = a.shape[1]
+    out = torch.empty(k, k, dtype=a.dtype, device=a.device)
+    for i in range(0, k, block):
+        j = min(i + block, k)
+        out[i:j, i:] = a[:, i:j].T @ a[:, i:]
+        out[j:, i:j] = out[i:j, j:].T
+    return out
+
+
 class InputStats:
     """Running X^T X (kind "hessian") or column sums of squares (kind "sqnorm") of a linear's input."""
 
@@ -23,7 +35,7 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        part = x.T @ x if self.kind == "hessian" else (x * x).sum(0)
+        part = xtx(x) if self.kind == "hessian" else (x * x).sum(0)
         self.sum = part if self.sum is None else self.sum.add_(part)
         self.tokens += x.shape[0]
 

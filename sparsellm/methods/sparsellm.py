@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import parallel
+from ..engine.stats import xtx
 from ..models.adapters import MLP
 from .activations import Activation, activation
 from .base import Target
@@ -51,16 +52,9 @@ def _chunks(n: int, size: int = CHUNK):
         yield slice(start, min(start + size, n))
 
 
-def gram(a: torch.Tensor, n: int | None = None, block: int = 384) -> torch.Tensor:
-    """A^T A / n, summed over the ranks' rows (n: their total count), exactly symmetric: only the blocks on
-    and above the diagonal are multiplied (~2/3 the work)."""
-    f = a.shape[1]
-    g = torch.empty(f, f, dtype=a.dtype, device=a.device)
-    for i in range(0, f, block):
-        j = min(i + block, f)
-        g[i:j, i:] = a[:, i:j].T @ a[:, i:]
-        g[j:, i:j] = g[i:j, j:].T
-    return parallel.all_sum(g).div_(n or a.shape[0])
+def gram(a: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """A^T A / n, summed over the ranks' rows (n: their total count), exactly symmetric."""
+    return parallel.all_sum(xtx(a)).div_(n or a.shape[0])
 
 
 def sum_sq(t: torch.Tensor) -> float:
