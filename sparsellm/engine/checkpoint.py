@@ -5,16 +5,12 @@ the logs so far): everything else is recomputed from the model and the calibrati
 deterministic. Each layer's linears go to their own safetensors file, then `state.pt` is replaced
 atomically (write a temporary file, then rename), so a kill at any instant leaves the last complete state.
 A fingerprint of the run's arguments guards against resuming with different ones.
-
-Saves are written by a background thread while the next layer is pruned (~0.2 s a layer at SmolLM2's size,
-most of it hidden): the engine must `wait()` before it overwrites the tensors a save was given.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,31 +34,18 @@ class Checkpoint:
     def __init__(self, folder: Path, fingerprint: dict):
         self.folder, self.fingerprint = Path(folder), json.loads(json.dumps(fingerprint))
         self.state_path = self.folder / "state.pt"
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending: Future | None = None
 
     def exists(self) -> bool:
         return self.state_path.is_file()
 
     def save(self, index: int, layer: nn.Module, adapter: Adapter, pruned: bool, x_next: torch.Tensor, logs) -> None:
-        """Start recording that decoder layer `index` is done and `x_next` are the inputs of the layer after it;
-        `x_next` and the layer's weights must stay unchanged until the next `save` or `wait`."""
-        self.wait()
+        """Record that decoder layer `index` is done and `x_next` are the inputs of the layer after it."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        weights = {path: lin.weight.data.contiguous() for path, lin in adapter.linears(layer).items()}
-        state = {"fingerprint": self.fingerprint, "done": index, "x": x_next, "logs": [asdict(g) for g in logs]}
-        self._pending = self._writer.submit(self._write, index, weights if pruned else None, state)
-
-    def _write(self, index: int, weights: dict | None, state: dict) -> None:
-        if weights is not None:
+        if pruned:
+            weights = {path: lin.weight.data.contiguous() for path, lin in adapter.linears(layer).items()}
             _atomic(self.folder / f"layer_{index:04d}.safetensors", lambda p: save_file(weights, p))
+        state = {"fingerprint": self.fingerprint, "done": index, "x": x_next, "logs": [asdict(g) for g in logs]}
         _atomic(self.state_path, lambda p: torch.save(state, p))
-
-    def wait(self) -> None:
-        """Block until the last save is on disk (raising its error, if it failed)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
 
     def load(self, decoder: nn.ModuleList, adapter: Adapter) -> tuple[int, torch.Tensor, list[dict]]:
         """Restore the pruned layers into `decoder`; return (first layer still to do, its inputs, logs)."""

@@ -236,19 +236,15 @@ def prune_model(
         logs = [LayerLog(**log) for log in saved]
     out = alloc(tuple(x.shape), x.dtype, x.device)
     bar = tqdm(range(start, len(decoder)), desc=f"{method.name} {target}", unit="layer", disable=not progress)
-    try:
-        for i in bar:
-            io.enter(i, decoder[i])
-            if i in layers:
-                logs.append(prune_layer(decoder[i], adapter, method, target, x, inputs.kwargs[i], out, opts))
-                logs[-1].index = i
-            else:
-                run_layer(decoder[i], x, inputs.kwargs[i], opts.batch_size, out=out)
-            x, out = out, x
-            if checkpoint is not None:  # written while the next layer runs, which reads x and writes only out
-                checkpoint.save(i, decoder[i], adapter, i in layers, x, logs)
-            io.leave(i, decoder[i])
-    finally:
+    for i in bar:
+        io.enter(i, decoder[i])
+        if i in layers:
+            logs.append(prune_layer(decoder[i], adapter, method, target, x, inputs.kwargs[i], out, opts))
+            logs[-1].index = i
+        else:
+            run_layer(decoder[i], x, inputs.kwargs[i], opts.batch_size, out=out)
+        x, out = out, x
         if checkpoint is not None:
-            checkpoint.wait()
+            checkpoint.save(i, decoder[i], adapter, i in layers, x, logs)
+        io.leave(i, decoder[i])
     return logs
