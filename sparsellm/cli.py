@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -132,6 +133,22 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise UserError(f"cannot create {parent} ({e.strerror}); choose another --out") from e
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write to {parent}; choose another --out")
+
+
+def _check_space(out: Path, model, copies: int) -> None:
+    """Refuse before pruning, not after, when the output (and the checkpoint beside it) cannot fit."""
+    needed = copies * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**26  # + tokenizer, report
+    free = shutil.disk_usage(out.resolve().parent).free
+    if free < needed:
+        raise UserError(
+            f"--out {out} needs about {needed / 2**20:.0f} MB on its disk, which has {free / 2**20:.0f} MB free; "
+            "free some space or choose another --out"
+        )
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC, as an OSError or inside safetensors' own error type (which carries only the OS message)."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
 
 
 @contextlib.contextmanager
@@ -291,6 +308,7 @@ def _prune_in_memory(args, config, out: Path, checkpoint_dir: Path | None) -> di
     t0 = time.perf_counter()
     model, tokenizer = loading.load(args.model, args.device, args.dtype)
     load_s = time.perf_counter() - t0
+    _check_space(out, model, copies=1 if checkpoint_dir is None else 2)  # the checkpoint holds the pruned layers
     report = api.prune(model, tokenizer, config, checkpoint_dir=checkpoint_dir)
     report.timing["load_s"] = load_s
     if args.eval:
@@ -326,6 +344,7 @@ def _prune_streamed(args, config, out: Path) -> dict:
     t0 = time.perf_counter()
     model, tokenizer, weights = loading.load_streamed(args.model, args.device, args.dtype)
     load_s = time.perf_counter() - t0
+    _check_space(out, model, copies=1)
     with _output_folder(out) as tmp:
         layers = streaming.StreamedLayers(model, adapter_for(model), weights, out=tmp)
         report = api.prune(model, tokenizer, config, io=layers)
@@ -454,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
         return {"prune": cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
     except UserError as e:
         print(f"sparsellm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        print("sparsellm: error: the disk filled up while writing; what was half-written is removed: free some "
+              "space or choose another --out (or --offload-dir)", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("sparsellm: interrupted; nothing was written", file=sys.stderr)

@@ -1,14 +1,17 @@
 """The CLI end to end on a tiny model folder, and bad input: one line on stderr, exit status 2, no traceback."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, PreTrainedModel
 
+from sparsellm import cli
 from sparsellm.models import loading
 
 
@@ -120,6 +123,30 @@ def test_unknown_architecture_missing_model_and_busy_output(gpt2_folder, tmp_pat
     assert r.returncode == 2 and "Traceback" not in r.stderr
     r = run("prune", str(gpt2_folder), "--sparsity", "0.5", "--out", str(tmp_path / "new" / "parents" / "o"))
     assert (tmp_path / "new" / "parents").is_dir()  # a missing parent is created (then the architecture is refused)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_output(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Too little free space is refused before pruning; a disk that fills up while saving removes the partial folder
+    (the checkpoint stays, for --resume)."""
+    out = tmp_path / "o"
+    argv = ["prune", str(tiny_folder), "--sparsity", "0.5", "--seqlen", "16", "--nsamples", "1", "--out", str(out)]
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=2**20))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"sparsellm: error: --out {out} needs about ") and "1 MB free" in err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    def save_until_the_disk_is_full(self, folder, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"half a file")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_until_the_disk_is_full)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sparsellm: error: the disk filled up while writing") and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["o.checkpoint"]
 
 
 def test_bench_refuses_a_missing_model_in_one_line_and_leaves_no_folder(tmp_path):

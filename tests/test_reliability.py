@@ -3,6 +3,7 @@ never gives a traceback."""
 
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -197,3 +198,5 @@ def test_random_cli_arguments_never_give_a_traceback(options, overwrite, tiny_fo
     else:
         assert (out / "report.json").is_file()
         assert cli.main(["inspect", str(out)]) == 0
+    if not overwrite:  # 50 examples share one tmp_path; "fuzz" stays, for the next --overwrite to replace
+        shutil.rmtree(out, ignore_errors=True)
