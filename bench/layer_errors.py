@@ -2,6 +2,8 @@
 
     python bench/layer_errors.py runs/s7/fast [--runs sparsegpt-0.7,llmcompressor-sparsegpt-0.7]
 
+It reads the pruned weights: run the bench with --keep-models.
+
 For each pruned model folder of a bench run: the bench's calibration tokens go through the pruned model one
 decoder layer at a time, and at each layer the pruned layer's output is compared with the dense layer's on the
 same input, ||Y_pruned - Y_dense||^2 / ||Y_dense||^2 (what report.json's recon_error measures for our runs).

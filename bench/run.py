@@ -10,7 +10,8 @@ llm-compressor (optional: `bash bench/peer_env.sh` makes `.venv-peer`, since it 
 prunes the same linears from the same tokens in its own process; its model is evaluated by our evaluator,
 so perplexities differ only by the pruning. The floor is two forward passes of the calibration set
 through the dense decoder, the least any layer-wise method must do. Writes OUT/bench.json, OUT/bench.md
-and OUT/*.png; `--append` adds the table to BENCHMARKS.md.
+and OUT/*.png; `--append` adds the table to BENCHMARKS.md. Each run's folder keeps its report, plots and log;
+its weights are deleted once read (`--keep-models` keeps them: ~20 GB for the default grid on SmolLM2).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-run")
     ap.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
+    ap.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="keep every pruned model's weights (0.5 GB each for SmolLM2; by default only reports, logs, plots stay)",
+    )
     ap.add_argument(
         "--zeroshot-limit",
         type=int,
@@ -108,6 +114,7 @@ def ours(args, method: str, target: str, calib_sha: str) -> dict:
     cmd += zeroshot_args(args)
     sh(cmd, args.out / f"{name}.log")
     report = json.loads((args.out / name / "report.json").read_text())
+    drop_weights(args, args.out / name)
     if report["data"]["calibration"]["tokens_sha256"] != calib_sha:
         raise SystemExit(f"bench: {name} used other calibration tokens than the bench computed")
     return {
@@ -138,8 +145,16 @@ def peer(args, method: str, target: str, calib: Path) -> dict:
     cmd += ["--protocol", args.protocol, "--json", *zeroshot_args(args)]
     evaluated = json.loads(subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout)
     measured = measured_sparsity(folder)
+    drop_weights(args, folder)
     return {"toolkit": "llmcompressor", "method": method, "target": target, "measured": measured,
             "zeroshot_acc": mean_acc(evaluated), **run, **evaluated}  # fmt: skip
+
+
+def drop_weights(args, folder: Path) -> None:
+    """A default grid is ~40 pruned models: their numbers are read, their weights need not fill the disk."""
+    if not args.keep_models:
+        for f in folder.glob("*.safetensors"):
+            f.unlink()
 
 
 def measured_sparsity(folder: Path) -> float:
