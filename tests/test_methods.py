@@ -5,7 +5,7 @@ import torch
 
 from sparsellm.methods import Target, make_method
 from sparsellm.methods.base import mask_from_scores, prune_count, smallest
-from sparsellm.methods.sparsegpt import inverse_cholesky
+from sparsellm.methods.sparsegpt import group_smallest, inverse_cholesky
 
 
 def problem(rows=64, cols=128, tokens=2048, seed=0):
@@ -95,6 +95,15 @@ def test_smallest_equals_a_stable_sort():
             expected = torch.zeros_like(scores, dtype=torch.bool)
             expected.scatter_(-1, torch.argsort(scores, dim=-1, stable=True)[..., :k], True)
             assert torch.equal(smallest(scores, k), expected), (shape, k)
+
+
+def test_group_smallest_equals_smallest_with_ties():
+    g = torch.Generator().manual_seed(6)
+    for m in (2, 4, 8):
+        later = torch.ones(m, m, dtype=torch.bool).tril(-1).unsqueeze(-1)
+        scores = torch.round(torch.randn(m, 50, generator=g))  # few distinct values: ties everywhere
+        for n in range(m + 1):
+            assert torch.equal(group_smallest(scores, n, later), smallest(scores.T, n).T), (m, n)
 
 
 def sparsegpt_reference(W, H, target, blocksize=128, percdamp=0.01):

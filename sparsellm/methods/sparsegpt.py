@@ -48,6 +48,14 @@ def cholesky(h: torch.Tensor, upper: bool = False) -> torch.Tensor | None:
     return chol if info.item() == 0 and torch.isfinite(chol).all() else None
 
 
+def group_smallest(scores: torch.Tensor, n: int, later: torch.Tensor) -> torch.Tensor:
+    """`smallest(scores.T, n).T` for one N:M group's scores [m, rows]: the n smallest of each column, ties to the
+    lower index. Ranked by m x m comparisons (rank_j = #{k < j: s_k <= s_j} + #{k > j: s_k < s_j}; `later`[j, k, 0]
+    is k < j), ~2x faster than a selection at m = 4: it runs once per group in the column loop."""
+    a, b = scores.unsqueeze(1), scores.unsqueeze(0)
+    return torch.where(later, b <= a, b < a).sum(1) < n
+
+
 def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, list[str]]:
     """Upper Cholesky factor of (H + damp I)^-1, the factor SparseGPT's column updates use."""
 
@@ -78,6 +86,7 @@ class SparseGPT(Method):
         # each sub-block's errors reach the rest of its block in one matmul (the same arithmetic, ~4x less
         # memory traffic in the column loop).
         sub = max(target.m, 32 - 32 % target.m) if target.is_nm else 32
+        later = torch.ones(target.m, target.m, dtype=torch.bool, device=W.device).tril(-1).unsqueeze(-1)
         # Walk the columns of W as the rows of W^T: each update of the column loop then touches contiguous
         # memory (about 3x faster than strided columns for tall matrices); the arithmetic is the same.
         Wt = W.T.contiguous()
@@ -85,6 +94,7 @@ class SparseGPT(Method):
             i2 = min(i1 + bs, cols)
             Ublock = U[i1:i2, i1:i2]
             d = torch.diag(Ublock)
+            d2 = d[:, None] ** 2
             W1t = Wt[i1:i2].clone()
             Err1t = torch.zeros_like(W1t)
             if target.is_nm:
@@ -100,8 +110,8 @@ class SparseGPT(Method):
                 for i in range(j1, j2):
                     if target.is_nm and i % target.m == 0:
                         group = slice(i, i + target.m)
-                        mask1t[group] = smallest(W1t[group].T ** 2 / d[group] ** 2, target.n).T
-                        scale[group] = mask1t[group] / d[group, None]
+                        mask1t[group] = group_smallest(W1t[group].square().div_(d2[group]), target.n, later)
+                        torch.div(mask1t[group], d[group, None], out=scale[group])
                     err = torch.mul(W1t[i], scale[i], out=Err1t[i])
                     # Row i's own update turns its pruned weights into ~0 and leaves the kept ones as they are.
                     W1t[i:j2].addr_(Ublock[i, i:j2], err, alpha=-1.0)
