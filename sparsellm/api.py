@@ -213,11 +213,13 @@ def prune(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
     io: LayerIO | None = None,
+    checkpoint_every: float = 0.0,
 ) -> Report:
     """Prune `model` in place as `config` says; return what was done and measured.
 
-    With `checkpoint_dir`, the run's state is saved there after every decoder layer, and a run that finds a
-    checkpoint of the same arguments there continues from it (the caller removes it once the result is safe).
+    With `checkpoint_dir`, the run's state is saved there after a decoder layer whenever `checkpoint_every`
+    seconds have passed since the last save (0: after every layer), and a run that finds a checkpoint of the same
+    arguments there continues from it (the caller removes it once the result is safe).
     With `io` (models.streaming), the decoder layers are loaded and written one at a time.
     """
     t_start = time.perf_counter()
@@ -252,7 +254,7 @@ def prune(
     checkpoint = None
     if checkpoint_dir is not None:
         run = {**asdict(config), "seqlen": seqlen, "nsamples": nsamples, "layers": layer_ids}
-        checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model, run, calib_sha))
+        checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model, run, calib_sha), checkpoint_every)
     resumed = checkpoint is not None and checkpoint.exists()
     logs = prune_model(model, adapter, method, target, local, set(layer_ids), opts, progress, checkpoint, tally)
     if not streamed:

@@ -106,7 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue a killed run from OUT.checkpoint (saved after every layer); same arguments required",
+        help="continue a killed run from OUT.checkpoint; same arguments required",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="save OUT.checkpoint after a layer once this many seconds have passed since the last save "
+        "(default 60; 0: after every layer). A kill loses at most about this much work",
     )
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or pruned folder")
@@ -285,6 +293,8 @@ def _prune_config(args):
 def _checkpoint_dir(args, out: Path) -> Path | None:
     from .engine import parallel
 
+    if not args.checkpoint_every >= 0:  # also NaN
+        raise UserError(f"--checkpoint-every must be 0 or more seconds; got {args.checkpoint_every}")
     checkpoint_dir = out.with_name(out.name + ".checkpoint")
     if parallel.world() > 1 or args.stream:
         if args.resume:
@@ -309,7 +319,7 @@ def _prune_in_memory(args, config, out: Path, checkpoint_dir: Path | None) -> di
     model, tokenizer = loading.load(args.model, args.device, args.dtype)
     load_s = time.perf_counter() - t0
     _check_space(out, model, copies=1 if checkpoint_dir is None else 2)  # the checkpoint holds the pruned layers
-    report = api.prune(model, tokenizer, config, checkpoint_dir=checkpoint_dir)
+    report = api.prune(model, tokenizer, config, checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every)
     report.timing["load_s"] = load_s
     if args.eval:
         t1 = time.perf_counter()

@@ -17,13 +17,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from sparsellm import api, cli
+from sparsellm.engine.checkpoint import Checkpoint
 from sparsellm.engine.sequential import EngineOptions, prune_model
 from sparsellm.errors import UserError
 from sparsellm.methods import Target, make_method
 from sparsellm.models import loading
 from sparsellm.models.adapters import adapter_for
 
-SMALL_RUN = ["--method", "sparsegpt", "--sparsity", "0.6", "--layers", "0:3", "--nsamples", "4", "--seqlen", "128"]
+SMALL_RUN = ["--method", "sparsegpt", "--sparsity", "0.6", "--layers", "0:3", "--nsamples", "4", "--seqlen", "128",
+             "--checkpoint-every", "0"]  # fmt: skip
 
 
 def sparsellm_cmd(*args):
@@ -72,6 +74,29 @@ def test_killed_run_resumes_to_the_identical_model(tmp_path):
     a, b = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], a["model.layers.3.mlp.up_proj.weight"] * 0)
+
+
+@pytest.mark.parametrize("every", [0.0, 3600.0])
+def test_the_checkpoint_is_written_when_its_interval_has_passed_and_after_the_last_layer(every, tmp_path, monkeypatch):
+    from sparsellm.engine import checkpoint as ckpt
+
+    written, real = [], ckpt._atomic
+    monkeypatch.setattr(ckpt, "_atomic", lambda path, write: written.append(path.name) or real(path, write))
+    model, calib = tiny_model("llama"), torch.randint(0, 100, (4, 32))
+    adapter, layers = adapter_for(model), {0, 1}
+    checkpoint = Checkpoint(tmp_path, {"run": 1}, every)
+    prune_model(
+        model, adapter, make_method("sparsegpt"), Target(0.5), calib, layers, EngineOptions(), False, checkpoint
+    )
+    per_layer = ["layer_0000.safetensors", "state.pt", "layer_0001.safetensors", "state.pt"]
+    assert written == (per_layer if every == 0 else ["layer_0000.safetensors", "layer_0001.safetensors", "state.pt"])
+    again = tiny_model("llama")  # the dense model: the checkpoint restores both pruned layers into it
+    decoder = adapter.decoder_layers(again)
+    start, _, logs = Checkpoint(tmp_path, {"run": 1}).load(decoder, adapter)
+    assert start == 2 and [log["index"] for log in logs] == [0, 1]
+    for i in layers:
+        pruned, restored = adapter.linears(adapter.decoder_layers(model)[i]), adapter.linears(decoder[i])
+        assert all(torch.equal(pruned[k].weight, restored[k].weight) for k in pruned)
 
 
 def _prune_tiny(model, tok_folder, **overrides):

@@ -222,7 +222,7 @@ def prune_model(
 ) -> list[LayerLog]:
     """Prune the decoder layers in `layers` sequentially on calibration tokens [n, seqlen].
 
-    With a `checkpoint`, the state is saved after every layer, and a run that finds one resumes from it.
+    With a `checkpoint`, the state is saved as its `every` says, and a run that finds one resumes from it.
     `io` is told when each layer's turn starts and ends (streaming loads and writes layers there).
     """
     io = io or LayerIO()
@@ -245,6 +245,6 @@ def prune_model(
             run_layer(decoder[i], x, inputs.kwargs[i], opts.batch_size, out=out)
         x, out = out, x
         if checkpoint is not None:
-            checkpoint.save(i, decoder[i], adapter, i in layers, x, logs)
+            checkpoint.save(i, decoder[i], adapter, i in layers, x, logs, last=i + 1 == len(decoder))
         io.leave(i, decoder[i])
     return logs
