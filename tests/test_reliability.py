@@ -1,6 +1,7 @@
 """Reliability: a killed run resumes to the identical model; broken numbers stop the run; random CLI input
 never gives a traceback."""
 
+import errno
 import itertools
 import json
 import shutil
@@ -97,6 +98,18 @@ def test_the_checkpoint_is_written_when_its_interval_has_passed_and_after_the_la
     for i in layers:
         pruned, restored = adapter.linears(adapter.decoder_layers(model)[i]), adapter.linears(decoder[i])
         assert all(torch.equal(pruned[k].weight, restored[k].weight) for k in pruned)
+
+
+def test_a_checkpoint_write_that_fails_leaves_no_partial_file(tmp_path):
+    from sparsellm.engine.checkpoint import _atomic
+
+    def fill_the_disk(path):
+        path.write_bytes(b"half a state")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        _atomic(tmp_path / "state.pt", fill_the_disk)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _prune_tiny(model, tok_folder, **overrides):
