@@ -475,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from .engine import parallel
+        from .engine.allocator import keep_freed_memory
         from .models.loading import device_for
 
+        keep_freed_memory()
         torch.set_num_threads(args.threads or _threads_per_rank())
         if args.command != "inspect":
             parallel.init_from_env(device_for(args.device))

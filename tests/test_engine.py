@@ -1,11 +1,14 @@
 """The sequential engine and layer-wise evaluation on tiny random models of every family."""
 
 import math
+import resource
+import sys
 
 import pytest
 import torch
 from conftest import FAMILIES, random_tokens, tiny_model
 
+from sparsellm.engine.allocator import keep_freed_memory
 from sparsellm.engine.sequential import EngineOptions, prune_model
 from sparsellm.eval.perplexity import perplexity
 from sparsellm.methods import METHODS, Target, make_method
@@ -92,3 +95,15 @@ def test_xtx_is_the_gram_matrix_and_exactly_symmetric(width):
     assert torch.equal(h, h.T)
     reference = a.double().T @ a.double()
     assert (h.double() - reference).abs().max() < 1e-5 * reference.abs().max()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_reused_not_faulted_in_again():
+    assert keep_freed_memory()  # the CLI calls this first
+    torch.ones(1 << 24)  # 64 MB: above glibc's largest default mmap threshold (32 MB)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(1 << 24)
+    pages = (1 << 26) // resource.getpagesize()
+    # Returned to the kernel, each allocation would fault in all its 16384 pages again (81920 in all).
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < pages
