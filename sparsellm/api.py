@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .data import texts
-from .engine import parallel
+from .engine import CHECKPOINT_EVERY, parallel
 from .engine.checkpoint import Checkpoint
 from .engine.layers import LayerIO
 from .engine.sequential import EngineOptions, prune_model
@@ -213,7 +213,7 @@ def prune(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
     io: LayerIO | None = None,
-    checkpoint_every: float = 0.0,
+    checkpoint_every: float = CHECKPOINT_EVERY,
 ) -> Report:
     """Prune `model` in place as `config` says; return what was done and measured.
 

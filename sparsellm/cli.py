@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .engine import CHECKPOINT_EVERY
 from .errors import UserError
 
 EXIT_USAGE = 2
@@ -111,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint-every",
         type=float,
-        default=60.0,
+        default=CHECKPOINT_EVERY,
         metavar="SECONDS",
         help="save OUT.checkpoint after a layer once this many seconds have passed since the last save "
-        "(default 60; 0: after every layer). A kill loses at most about this much work",
+        f"(default {CHECKPOINT_EVERY:g}; 0: after every layer). A kill loses at most about this much work",
     )
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or pruned folder")

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.adapters import Adapter
+from . import CHECKPOINT_EVERY
 
 
 def _atomic(path: Path, write) -> None:
@@ -39,7 +40,7 @@ def _atomic(path: Path, write) -> None:
 class Checkpoint:
     """One run's checkpoint folder; `fingerprint` (JSON-able) must match for a resume."""
 
-    def __init__(self, folder: Path, fingerprint: dict, every: float = 0.0):
+    def __init__(self, folder: Path, fingerprint: dict, every: float = CHECKPOINT_EVERY):
         self.folder, self.fingerprint = Path(folder), json.loads(json.dumps(fingerprint))
         self.state_path = self.folder / "state.pt"
         self.every, self.written = every, time.monotonic()
