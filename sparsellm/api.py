@@ -6,6 +6,7 @@ import hashlib
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -311,6 +312,13 @@ def _activation_plan(model: nn.Module, local: torch.Tensor, config: PruneConfig)
     folder = Path(config.offload_dir or tempfile.gettempdir())
     if offload and not (folder.is_dir() and os.access(folder, os.W_OK)):
         raise UserError(f"--offload-dir {folder} is not a writable folder")
+    # The backing files are unlinked and sparse: a disk that fills up under them kills the run with SIGBUS.
+    free = shutil.disk_usage(folder).free if offload else nbytes
+    if free < nbytes:
+        raise UserError(
+            f"--offload-dir {folder} has {free / 2**20:.0f} MB free; the activations need {nbytes / 2**20:.0f} MB: "
+            "free some space, choose another --offload-dir or raise --max-memory"
+        )
     return {"bytes": nbytes, "max_memory": limit, "offload_dir": str(folder) if offload else None}
 
 

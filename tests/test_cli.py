@@ -183,3 +183,17 @@ def test_sparsellm_options_reach_the_solver(tiny_folder, tmp_path):
     assert r.returncode == 2 and "--rounds must be at least 1" in r.stderr
     r = run("prune", str(tiny_folder), "--method", "wanda", *args[2:], "--rounds", "2", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "apply to --method sparsellm only" in r.stderr
+
+
+def test_offloaded_activations_that_cannot_fit_are_refused_in_one_line(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Under --offload-dir a full disk would be a SIGBUS (the files are memory-mapped): refused before pruning."""
+    out, scratch = tmp_path / "o", tmp_path / "scratch"
+    scratch.mkdir()
+    argv = ["prune", str(tiny_folder), "--sparsity", "0.5", "--seqlen", "16", "--nsamples", "256", "--out", str(out),
+            "--max-memory", "1KB", "--offload-dir", str(scratch)]  # fmt: skip
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=2**20 if p == scratch else 2**40))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"sparsellm: error: --offload-dir {scratch} has 1 MB free; the activations need ")
+    assert [p.name for p in tmp_path.iterdir()] == ["scratch"] and not list(scratch.iterdir())
