@@ -76,10 +76,11 @@ def prune_site_group(
 
 @torch.no_grad()
 def mlp_inputs(
-    layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict, opts: EngineOptions
+    layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict, opts: EngineOptions, keep_attention: bool = False
 ) -> tuple[torch.Tensor, list]:
-    """The MLP's input for every calibration token, [N, d], as the layer currently computes it, and the
-    attention's output of every batch (for `replaying`; its attention weights, which layers discard, dropped).
+    """The MLP's input for every calibration token, [N, d], as the layer currently computes it, and with
+    `keep_attention` the attention's output of every batch (for `replaying`; its attention weights, which layers
+    discard, dropped; otherwise the list is empty).
 
     The forward stops as soon as the MLP's first linear is reached: the MLP itself need not run.
     """
@@ -95,7 +96,8 @@ def mlp_inputs(
 
     mlp = adapter.mlp(layer)
     handles = [lin.register_forward_pre_hook(record) for lin in (mlp.up, mlp.gate) if lin is not None]
-    handles.append(submodule(layer, adapter.attention).register_forward_hook(record_attention))
+    if keep_attention:
+        handles.append(submodule(layer, adapter.attention).register_forward_hook(record_attention))
     try:
         for start in range(0, x.shape[0], opts.batch_size):
             with contextlib.suppress(StopForward):
@@ -195,7 +197,7 @@ def prune_layer(
     if method.joint_mlp:
         x_mlp = dense_x_mlp
         if x_mlp is None:  # taken after attention was pruned: the final pass runs this attention on these inputs
-            x_mlp, replay[submodule(layer, adapter.attention)] = mlp_inputs(layer, adapter, x, kwargs, opts)
+            x_mlp, replay[submodule(layer, adapter.attention)] = mlp_inputs(layer, adapter, x, kwargs, opts, True)
         log.mlp = method.prune_mlp(adapter.mlp(layer), x_mlp, target)
         log.events += log.mlp.pop("events", [])
         outputs = log.mlp.pop("outputs", None)

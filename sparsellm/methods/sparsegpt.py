@@ -86,7 +86,7 @@ class SparseGPT(Method):
         # each sub-block's errors reach the rest of its block in one matmul (the same arithmetic, ~4x less
         # memory traffic in the column loop).
         sub = max(target.m, 32 - 32 % target.m) if target.is_nm else 32
-        later = torch.ones(target.m, target.m, dtype=torch.bool, device=W.device).tril(-1).unsqueeze(-1)
+        later = torch.ones(target.m, target.m, dtype=torch.bool, device=W.device).tril(-1).unsqueeze(-1)  # N:M only
         # Walk the columns of W as the rows of W^T: each update of the column loop then touches contiguous
         # memory (about 3x faster than strided columns for tall matrices); the arithmetic is the same.
         Wt = W.T.contiguous()

@@ -263,10 +263,10 @@ class _Solver:
         err = token_err = obj = gap = 0.0
         for sl in _chunks(self.x.shape[0]):
             x, y = self.x[sl], self.y_target[sl]
-            m = torch.addmm(self.b1, x, wu.T)
+            m, n = torch.addmm(self.b1, x, wu.T), None
             obj += self.a_z * sq_dist(self.z[sl], m)
-            n = x @ wg.T if self.gated else None
             if self.gated:
+                n = x @ wg.T
                 obj += self.a_s * sq_dist(self.s[sl], n)
             out = self._hidden(m, n) @ wd.T
             per_token = (y - out).pow_(2).sum(1)
