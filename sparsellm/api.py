@@ -310,15 +310,16 @@ def _activation_plan(model: nn.Module, local: torch.Tensor, config: PruneConfig)
     limit = config.max_memory if config.max_memory is not None else default_max_memory()
     offload = nbytes > limit and param.device.type == "cpu"
     folder = Path(config.offload_dir or tempfile.gettempdir())
-    if offload and not (folder.is_dir() and os.access(folder, os.W_OK)):
-        raise UserError(f"--offload-dir {folder} is not a writable folder")
-    # The backing files are unlinked and sparse: a disk that fills up under them kills the run with SIGBUS.
-    free = shutil.disk_usage(folder).free if offload else nbytes
-    if free < nbytes:
-        raise UserError(
-            f"--offload-dir {folder} has {free / 2**20:.0f} MB free; the activations need {nbytes / 2**20:.0f} MB: "
-            "free some space, choose another --offload-dir or raise --max-memory"
-        )
+    if offload:
+        if not (folder.is_dir() and os.access(folder, os.W_OK)):
+            raise UserError(f"--offload-dir {folder} is not a writable folder")
+        # The backing files are unlinked and sparse: a disk that fills up under them kills the run with SIGBUS.
+        free = shutil.disk_usage(folder).free
+        if free < nbytes:
+            raise UserError(
+                f"--offload-dir {folder} has {free / 2**20:.0f} MB free; the activations need {nbytes / 2**20:.0f} "
+                "MB: free some space, choose another --offload-dir or raise --max-memory"
+            )
     return {"bytes": nbytes, "max_memory": limit, "offload_dir": str(folder) if offload else None}
 
 

@@ -197,7 +197,9 @@ def prune_layer(
     if method.joint_mlp:
         x_mlp = dense_x_mlp
         if x_mlp is None:  # taken after attention was pruned: the final pass runs this attention on these inputs
-            x_mlp, replay[submodule(layer, adapter.attention)] = mlp_inputs(layer, adapter, x, kwargs, opts, True)
+            x_mlp, replay[submodule(layer, adapter.attention)] = mlp_inputs(
+                layer, adapter, x, kwargs, opts, keep_attention=True
+            )
         log.mlp = method.prune_mlp(adapter.mlp(layer), x_mlp, target)
         log.events += log.mlp.pop("events", [])
         outputs = log.mlp.pop("outputs", None)
