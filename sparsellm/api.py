@@ -6,7 +6,6 @@ import hashlib
 import os
 import platform
 import resource
-import shutil
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from .engine import CHECKPOINT_EVERY, parallel
 from .engine.checkpoint import Checkpoint
 from .engine.layers import LayerIO
 from .engine.sequential import EngineOptions, prune_model
-from .errors import UserError
+from .errors import UserError, require_free_space
 from .eval.perplexity import perplexity
 from .methods import Target, make_method
 from .models.adapters import Adapter, adapter_for, context_length
@@ -314,12 +313,8 @@ def _activation_plan(model: nn.Module, local: torch.Tensor, config: PruneConfig)
         if not (folder.is_dir() and os.access(folder, os.W_OK)):
             raise UserError(f"--offload-dir {folder} is not a writable folder")
         # The backing files are unlinked and sparse: a disk that fills up under them kills the run with SIGBUS.
-        free = shutil.disk_usage(folder).free
-        if free < nbytes:
-            raise UserError(
-                f"--offload-dir {folder} has {free / 2**20:.0f} MB free; the activations need {nbytes / 2**20:.0f} "
-                "MB: free some space, choose another --offload-dir or raise --max-memory"
-            )
+        advice = "free some space, choose another --offload-dir or raise --max-memory"
+        require_free_space(folder, nbytes, f"--offload-dir {folder}", advice)
     return {"bytes": nbytes, "max_memory": limit, "offload_dir": str(folder) if offload else None}
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .engine import CHECKPOINT_EVERY
-from .errors import UserError
+from .errors import UserError, require_free_space
 
 EXIT_USAGE = 2
 
@@ -147,12 +147,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
 def _check_space(out: Path, model, copies: int) -> None:
     """Refuse before pruning, not after, when the output (and the checkpoint beside it) cannot fit."""
     needed = copies * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**26  # + tokenizer, report
-    free = shutil.disk_usage(out.resolve().parent).free
-    if free < needed:
-        raise UserError(
-            f"--out {out} needs about {needed / 2**20:.0f} MB on its disk, which has {free / 2**20:.0f} MB free; "
-            "free some space or choose another --out"
-        )
+    require_free_space(out.resolve().parent, needed, f"--out {out}", "free some space or choose another --out")
 
 
 def _disk_full(e: BaseException) -> bool:
