@@ -4,8 +4,9 @@ glibc hands every allocation above its mmap threshold (at most 32 MB, and a trim
 kernel on free, so the next batch's attention scores ([8, 9, 512, 512] fp32 = 75 MB on SmolLM2) and MLP
 activations are fresh pages the kernel must fault in and zero: a 50% Wanda prune of SmolLM2 took 4.5 M page
 faults and 12.9 s of system time, 43.9 s in all; with these settings 0.3 M, 5.6 s and 39.1 s (BENCHMARKS.md).
-Prune-only peak RSS is unchanged (memory is reused, not added), but freed pages stay resident: a run that evaluates
-after pruning peaks higher (the default job: 2180 MB, against 1765 MB before this setting).
+Peak RSS is unchanged where memory is reused, not added. It rose where a later phase asks for large blocks that
+the kept ones do not serve: the evaluation's whole-window logits (100 MB, and as much again for their log-softmax)
+took the default job from 1765 MB to 2180 MB, until the evaluation took its logits 128 tokens at a time.
 """
 
 from __future__ import annotations
