@@ -112,6 +112,20 @@ def test_a_checkpoint_write_that_fails_leaves_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_dequantised_gguf_cache_is_keyed_by_content_not_by_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "cache_dir", lambda: tmp_path / "cache")
+    first, second = tmp_path / "install-1" / "m.gguf", tmp_path / "install-2" / "m.gguf"
+    for path in (first, second):  # the same file in two installs (two virtual environments)
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF same bytes")
+    cached = tmp_path / "cache" / "models" / f"m-{loading._gguf_cache_key(first)}"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    assert loading._cached_from_gguf(second) == cached  # found, not dequantised again (these bytes are no GGUF)
+    second.write_bytes(b"GGUF other bytes")
+    assert loading._gguf_cache_key(second) != loading._gguf_cache_key(first)
+
+
 def _prune_tiny(model, tok_folder, **overrides):
     tok = AutoTokenizer.from_pretrained(tok_folder)
     config = api.PruneConfig(**{"method": "sparsegpt", "sparsity": 0.5, "seqlen": 32, "nsamples": 2, **overrides})

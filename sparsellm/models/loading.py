@@ -7,7 +7,6 @@ so the cache is rebuilt from its config and state dict).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -18,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from ..engine.allocator import return_freed_memory
 from ..errors import UserError
+from ..inspection import sha256_file
 
 log = logging.getLogger("sparsellm")
 
@@ -81,28 +82,27 @@ def builtin_gguf(name: str) -> Path:
 
 
 def _gguf_cache_key(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    """The GGUF's content hash (0.2 s for SmolLM2's 93 MB): each fresh install puts the same file at a new path, and
+    a key made of path and mtime left one more 540 MB dequantised copy in the cache per install."""
+    return sha256_file(path)[:16]
 
 
 def _cached_from_gguf(path: Path) -> Path:
     """A safetensors folder equal to the dequantised GGUF, made once."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     folder = cache_dir() / "models" / f"{path.stem}-{_gguf_cache_key(path)}"
     if (folder / "config.json").exists():
         return folder
     log.info("dequantising %s once (about 25 s); cached in %s", path.name, folder)
-    kwargs = dict(gguf_file=path.name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
-    config = AutoConfig.from_pretrained(path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        _dequantise(path, tmp)
+    except BaseException:  # no half-written folder left in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Two fp32 copies of the model were freed: 1.1 GB for SmolLM2 that the CLI's allocator setting would keep
+    # resident, raising the rest of the run's peak by ~500 MB.
+    return_freed_memory()
     try:
         os.replace(tmp, folder)
     except OSError:  # another process (a data-parallel rank) made it first: keep theirs
@@ -110,6 +110,18 @@ def _cached_from_gguf(path: Path) -> Path:
         if not (folder / "config.json").exists():
             raise
     return folder
+
+
+def _dequantise(path: Path, folder: Path) -> None:
+    """Write the GGUF's model, dequantised to fp32, and its tokenizer as a Hugging Face folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path.parent, **kwargs), dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(path.parent, **kwargs).save_pretrained(folder)
 
 
 def resolve(name_or_path: str) -> Path | str:
