@@ -4,9 +4,10 @@ glibc hands every allocation above its mmap threshold (at most 32 MB, and a trim
 kernel on free, so the next batch's attention scores ([8, 9, 512, 512] fp32 = 75 MB on SmolLM2) and MLP
 activations are fresh pages the kernel must fault in and zero: a 50% Wanda prune of SmolLM2 took 4.5 M page
 faults and 12.9 s of system time, 43.9 s in all; with these settings 0.3 M, 5.6 s and 39.1 s (BENCHMARKS.md).
-Peak RSS is unchanged where memory is reused, not added. It rose where a later phase asks for large blocks that
-the kept ones do not serve: the evaluation's whole-window logits (100 MB, and as much again for their log-softmax)
-took the default job from 1765 MB to 2180 MB, until the evaluation took its logits 128 tokens at a time.
+Peak RSS is unchanged where memory is reused, not added, but memory that nothing reuses stays resident too: the
+default job in a fresh clone peaked at 2180 MB (1765 MB before this setting) because the one-off dequantisation of
+the built-in GGUF left 1.1 GB freed and kept, and the evaluation's whole-window logits did not fit the kept blocks.
+One-off phases now call `return_freed_memory`, and the evaluation takes its logits 128 tokens at a time (BENCHMARKS.md).
 """
 
 from __future__ import annotations
