@@ -238,20 +238,21 @@ def test_p_step_is_the_exact_minimiser(kind):
 def test_least_squares_is_the_ridge_fit_towards_the_dense_weights():
     """The W-step's fit equals lstsq on the stacked system
     [A / sqrt(n); sqrt(lambda) I] W^T = [T / sqrt(n); sqrt(lambda) W0^T]."""
+    from sparsellm.methods.sparsegpt import hessian_factor
     from sparsellm.methods.sparsellm import cross, least_squares
 
     g = torch.Generator().manual_seed(5)
     A, T, W0 = (torch.randn(shape, generator=g) for shape in ((500, 24), (500, 16), (16, 24)))
     A[:, 0] *= 1e-3  # a direction the tokens barely determine: the ridge must leave it near W0
     H = gram(A)
-    ridge = 0.01
-    W, events = least_squares(cross(T, A, 500), H, ridge, W0)
-    lam = ridge * torch.diag(H).mean().item()
+    factor = hessian_factor(H, percdamp=0.01)  # SparseGPT's: its damping is the ridge
+    W = least_squares(cross(T, A, 500), H, factor.U, W0)
+    lam = 0.01 * torch.diag(H).mean().item()
     eye = torch.eye(24, dtype=torch.float64)
     lhs = torch.cat([A.double() / 500**0.5, lam**0.5 * eye])
     rhs = torch.cat([T.double() / 500**0.5, lam**0.5 * W0.double().T])
     reference = torch.linalg.lstsq(lhs, rhs).solution.T
-    assert events == []
+    assert factor.events == ()
     assert (W.double() - reference).norm() / reference.norm() < 1e-5
     assert (W[:, 0] - W0[:, 0]).abs().max() < 0.05  # towards zero it would be shrunk to ~0
 

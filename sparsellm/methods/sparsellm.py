@@ -10,8 +10,9 @@ ReLU MLP (OPT), with Z = fc1 pre-activation and P = fc2 input:
     min  a_z ||Z - X W1^T - b1||^2 + g ||P - relu(Z)||^2 + b ||Y - P W2^T - b2||^2
 
 Each round: (1) W-steps: the dense least-squares fit of every linear to its current target, through the
-normal equations (fp32 Cholesky with a ridge towards the dense weights), then SparseGPT on that fit with the
-linear's input Hessian (since ||T - W A||^2 = ||T - W* A||^2 + ||(W* - W) A||^2, that is the sparse least-squares step);
+normal equations (fp32, a ridge towards the dense weights, solved with the factor of the linear's input Hessian
+that SparseGPT uses), then SparseGPT on that fit with that Hessian (since ||T - W A||^2 = ||T - W* A||^2 +
+||(W* - W) A||^2, that is the sparse least-squares step);
 (2) P in closed form, as a ridge regression of the output residual (a d x d Cholesky, never f x f);
 (3) Z exactly per element; (4) S (gated) by safeguarded per-element Newton that only accepts decreases.
 
@@ -31,17 +32,18 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import parallel
+from ..engine.fused import fused
 from ..engine.stats import xtx
 from ..models.adapters import MLP
 from .activations import Activation, activation
 from .base import Target
-from .sparsegpt import SparseGPT, cholesky, with_damping
+from .sparsegpt import Factor, SparseGPT, cholesky, hessian_factor, with_damping
 
 log = logging.getLogger("sparsellm")
 
-# Tokens per chunk: matrix products run fastest on ~1024 rows; the z/s-steps' ~100 elementwise passes run
-# ~2.5x faster when their operands stay in cache (128 tokens x f = 1536: 786 KB each, L2 2 MB a core), and
-# ~10% faster on 128 tokens than on 64 (fewer calls), measured on SmolLM2's shapes.
+# Tokens per chunk: matrix products run fastest on ~1024 rows. The fused z/s-steps run as fast on 128 to 1024;
+# eager (no compiler), their ~100 elementwise passes run ~2.5x faster when their operands stay in cache (128 tokens
+# x f = 1536: 786 KB each, L2 2 MB a core), and ~10% faster on 128 tokens than on 64 (fewer calls), on SmolLM2.
 CHUNK = 1024
 ELEMENTWISE_CHUNK = 128
 FALLBACK_SCALES = (1.0, 0.5, 0.25)  # of the Gauss-Newton step, in order of preference
@@ -76,73 +78,51 @@ def cross(target: torch.Tensor, inputs: torch.Tensor, n: int) -> torch.Tensor:
     return parallel.all_sum(target.T @ inputs) / n
 
 
-def least_squares(
-    t_a: torch.Tensor, hessian: torch.Tensor, ridge: float, w0: torch.Tensor
-) -> tuple[torch.Tensor, list[str]]:
-    """W* = argmin ||T - A W^T||^2 / n + lambda ||W - W0||^2 = W0 + (T^T A / n - W0 H)(H + lambda I)^-1, by
-    Cholesky; t_a = T^T A / n, H = A^T A / n, lambda = ridge * mean(diag H).
+def least_squares(t_a: torch.Tensor, hessian: torch.Tensor, U: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """W* = argmin ||T - A W^T||^2 / n + lambda ||W - W0||^2 = W0 + (T^T A / n - W0 H)(H + lambda I)^-1, with
+    t_a = T^T A / n, H = A^T A / n, and (H + lambda I)^-1 = U^T U from SparseGPT's factor of H: lambda is its
+    damping, 0.01 mean(diag H), and one factorisation of each Hessian serves both the fit and the pruning.
 
-    The ridge pulls towards the dense weights W0, not towards zero: directions the calibration tokens barely
+    The ridge pulls towards the dense weights, not towards zero: directions the calibration tokens barely
     determine stay where the dense model had them instead of shrinking, which is what held-out text rewards
     (SmolLM2, quick protocol: 2:4 WikiText-2 143.89 -> 115.43, 80% 1050.27 -> 771.96; BENCHMARKS.md).
     """
-    chol, events = with_damping(hessian, ridge, cholesky)
-    return w0 + torch.cholesky_solve((t_a - w0 @ hessian).T, chol).T, events
-
-
-def _greater(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
-    """1.0 where a > b, else 0.0, in a's dtype: a float mask to blend with `lerp`, which is exact for weights 0
-    and 1, and with the subtraction ~6x faster than `a > b` then `torch.where` on CPU (64 x 1536 chunks)."""
-    return torch.sub(a, b).gt_(0)
+    return w0 + (t_a - w0 @ hessian) @ U.T @ U
 
 
 def newton(s, n, p, z, a_s, g, act: Activation, steps: int):
     """Lower a_s (s - n)^2 + g (p - act(s) z)^2 per element from s, accepting only decreases.
 
-    Each iteration tries, per element, until one lowers the objective: the Newton step (where the
-    curvature is positive), then the Gauss-Newton step (curvature a_s + g (z act'(s))^2 > 0, halved
-    like the gradient), then its half and quarter; every step is clipped to a trust region of 2, the
-    activations' scale. An element that no trial improves stays. The Newton trial runs on every element,
-    applied by `lerp` with a float mask (index gathers over all elements cost ~50x an elementwise op); the
-    fallbacks only on the few still pending, all three at once, keeping the first that lowers it. In-place and
-    fused ops: this loop is memory-bound. Returns (s, objective at s).
+    Each iteration tries, per element: the Newton step (where the curvature is positive), then the Gauss-Newton
+    step (curvature a_s + g (z act'(s))^2 > 0, halved like the gradient), then its half and quarter; every step is
+    clipped to a trust region of 2, the activations' scale. The first trial that lowers the objective is kept; an
+    element that no trial improves stays. Every trial is evaluated on every element and chosen by `torch.where`
+    (no gathers of the pending few), so the whole step fuses into one pass under `torch.compile`.
+    Returns (s, objective at s).
     """
-    shape = s.shape
-    s, n, p, z = (t.reshape(-1) for t in (s, n, p, z))
 
-    def f(x, i):
-        return torch.addcmul(p[i], act.f(x), z[i], value=-1).square_().mul_(g).add_((x - n[i]).square_(), alpha=a_s)
+    def f(x):
+        return g * (p - act.f(x) * z) ** 2 + a_s * (x - n) ** 2
 
-    everything = slice(None)
-    scales = torch.tensor(FALLBACK_SCALES, dtype=s.dtype, device=s.device)[:, None]
-    best = None
+    best = f(s)
     for _ in range(steps):
         fs, d1, d2 = act.derivatives(s)
-        r = torch.addcmul(p, fs, z, value=-1)  # p - act(s) z
-        dn = s - n
-        if best is None:
-            best = torch.mul(r, r).mul_(g).add_(dn * dn, alpha=a_s)
-        u = d1.mul_(z)  # z act'(s)
-        half_grad = torch.addcmul(dn.mul_(a_s), u, r, value=-g)
-        gauss_newton = u.square_().mul_(g).add_(a_s)
-        curv = torch.addcmul(gauss_newton, d2.mul_(z), r, value=-g)
-        gn_step = torch.div(half_grad, gauss_newton).clamp_(-2.0, 2.0)
-        newton_step = torch.lerp(gn_step, half_grad.div_(curv.clamp_min(1e-30)).clamp_(-2.0, 2.0), _greater(curv, 0.0))
-        trial = s - newton_step
-        value = f(trial, everything)
-        better = _greater(best, value)
-        s, best = torch.lerp(s, trial, better), torch.lerp(best, value, better)
-        pending = (better == 0).nonzero().squeeze(1)
-        trials = s[pending] - scales * gn_step[pending]  # [3, pending]: the three fallbacks at once
-        values = f(trials, pending)
-        improves = values < best[pending]
-        first = improves.to(torch.uint8).argmax(0)  # the first fallback that lowers the objective, per element
-        chosen, column = improves.any(0), torch.arange(pending.numel())
-        s[pending[chosen]] = trials[first, column][chosen]
-        best[pending[chosen]] = values[first, column][chosen]
-    if best is None:
-        best = f(s, everything)
-    return s.reshape(shape), best.reshape(shape)
+        r = p - fs * z
+        u = d1 * z  # z act'(s)
+        half_grad = a_s * (s - n) - g * u * r
+        gauss_newton = g * u * u + a_s
+        curv = gauss_newton - g * d2 * z * r
+        gn_step = (half_grad / gauss_newton).clamp(-2.0, 2.0)
+        newton_step = torch.where(curv > 0, (half_grad / curv.clamp_min(1e-30)).clamp(-2.0, 2.0), gn_step)
+        trials = (newton_step, *(scale * gn_step for scale in FALLBACK_SCALES))
+        s_next, best_next = s, best
+        for step in reversed(trials):  # the later trials are overwritten by any earlier one that also lowers it
+            x = s - step
+            value = f(x)
+            lower = value < best
+            s_next, best_next = torch.where(lower, x, s_next), torch.where(lower, value, best_next)
+        s, best = s_next, best_next
+    return s, best
 
 
 def s_step(s, n, p, z, a_s, g, act: Activation, steps: int, multistart: bool = True):
@@ -156,7 +136,7 @@ def s_step(s, n, p, z, a_s, g, act: Activation, steps: int, multistart: bool = T
     if not multistart or act.argmin is None:
         return s
     for start in (n, torch.full_like(s, act.argmin - 1.0), torch.full_like(s, act.argmin + 1.5)):
-        cand, value = newton(start.clone(), n, p, z, a_s, g, act, steps)
+        cand, value = newton(start, n, p, z, a_s, g, act, steps)
         better = value < best
         s = torch.where(better, cand, s)
         best = torch.where(better, value, best)
@@ -172,7 +152,6 @@ class SparseLLM(SparseGPT):
     alpha: float = 0.3
     beta: float = 30.0
     gamma: float = 1.0
-    ridge: float = 0.01  # towards the dense weights (see least_squares)
     newton_steps: int = 1  # warm-started across rounds: one safeguarded step did as well as four
     multistart: bool = False  # exact multi-start s-step: same held-out error on SmolLM2, 1.5x the time
 
@@ -215,8 +194,12 @@ class _Solver:
         self.y_token_sq = token_sq.clamp_min(1e-6 * self.y_norm / self.n)  # a near-zero output cannot dominate
         self.a_z, self.g, self.b = method.alpha / z_sq, method.gamma / p_sq, method.beta / y_sq
         self.a_s = method.alpha / s_sq if self.gated else 0.0
+        # The z/s-steps' weights, as 0-d tensors: the fused steps would recompile for every new Python float.
+        self.g_z = torch.tensor(self.g / self.a_z, device=x.device)
+        self.g_s = torch.tensor(self.g / self.a_s if self.gated else 0.0, device=x.device)
         self.hidden_gap = 0.0  # ||P - h(Z, S)||^2, summed by the z/s-steps (P starts as h(Z, S) exactly)
         self.events: list[str] = []
+        self.hx_factor = self._factor("input", self.hx)  # X does not change: up and gate share it in every round
 
     def _linears(self) -> dict[str, torch.nn.Linear]:
         out = {"up": self.mlp.up, "down": self.mlp.down}
@@ -230,21 +213,25 @@ class _Solver:
     def _hidden(self, z, s):
         return self.act.f(s) * z if self.gated else self.act.f(z)
 
-    def _sparse_fit(self, name: str, t_a: torch.Tensor | None, hessian: torch.Tensor):
+    def _factor(self, inputs: str, hessian: torch.Tensor) -> Factor:
+        factor = hessian_factor(hessian, self.m.percdamp)
+        self.events += [f"mlp {inputs}: {e}" for e in factor.events]
+        return factor
+
+    def _sparse_fit(self, name: str, t_a: torch.Tensor | None, hessian: torch.Tensor, factor: Factor):
         """SparseGPT on the least-squares fit (t_a = T^T A / n); round 1 (None) fits the dense targets: Wdense."""
         dense = self.dense[name]
-        w_star, events = (dense, []) if t_a is None else least_squares(t_a, hessian, self.m.ridge, dense)
-        pruned = self.m.prune(w_star, hessian, self.target)
-        self.events += [f"mlp.{name}: {e}" for e in (*events, *pruned.events)]
-        self._linears()[name].weight.data.copy_(pruned.weight)
+        w_star = dense if t_a is None else least_squares(t_a, hessian, factor.U, dense)
+        self._linears()[name].weight.data.copy_(self.m.prune_factored(w_star, factor, self.target))
 
     def w_steps(self, first: bool) -> None:
         up_fit = None if first else cross(self.z, self.x, self.n) - torch.outer(self.b1, self.x_mean)
-        self._sparse_fit("up", up_fit, self.hx)
+        self._sparse_fit("up", up_fit, self.hx, self.hx_factor)
         if self.gated:
-            self._sparse_fit("gate", None if first else cross(self.s, self.x, self.n), self.hx)
+            self._sparse_fit("gate", None if first else cross(self.s, self.x, self.n), self.hx, self.hx_factor)
         hp = gram(self.p, self.n)
-        self._sparse_fit("down", None if first else cross(self.y_target, self.p, self.n), hp)
+        down_fit = None if first else cross(self.y_target, self.p, self.n)
+        self._sparse_fit("down", down_fit, hp, self._factor("down input", hp))
 
     def sweep(self, last: bool) -> tuple[float, float, float]:
         """One pass over the tokens with the W-steps' weights: (real MLP output error ||Y - mlp(X)||^2 / ||Y||^2,
@@ -321,21 +308,16 @@ class _Solver:
 
     def _z_and_s_steps(self, sl: slice, m, n) -> float:
         """Z exactly, then S by safeguarded Newton, per element, on the tokens `sl`; returns their
-        ||P - h(Z, S)||^2 (the objective's term, summed while they are in cache). Each 1-D problem is divided by
-        its first weight: the normalised weights are ~1e-7, their per-element terms fell into fp32's denormals,
-        ~3x slower.
-        """
+        ||P - h(Z, S)||^2 (the objective's term, summed while they are in cache)."""
         p = self.p[sl]
-        g_z = self.g / self.a_z
         if self.gated:
-            gs = self.act.f(self.s[sl])
-            numerator = torch.addcmul(m, gs, p, value=g_z)
-            torch.div(numerator, gs.square_().mul_(g_z).add_(1.0), out=self.z[sl])
-            g_s, steps = self.g / self.a_s, self.m.newton_steps
-            self.s[sl] = s_step(self.s[sl], n, p, self.z[sl], 1.0, g_s, self.act, steps, self.m.multistart)
+            z, s, gap = _gated_steps(m, n, p, self.s[sl], self.g_z, self.g_s, self.act, self.m.newton_steps,
+                                     self.m.multistart)  # fmt: skip
+            self.s[sl] = s
         else:
-            self.z[sl] = relu_z_step(m, p, 1.0, g_z)
-        return sq_dist(p, self._hidden(self.z[sl], self._s(sl)))
+            z, gap = _relu_steps(m, p, self.g_z)
+        self.z[sl] = z
+        return gap.item()
 
     def run(self) -> dict:
         """Alternate for the given rounds; keep the round with the lowest mean per-token relative output error.
@@ -375,3 +357,22 @@ def relu_z_step(m: torch.Tensor, p: torch.Tensor, a: float, g: float) -> torch.T
     neg = m.clamp_max(0)
     cost = lambda z: a * (z - m) ** 2 + g * (p - torch.relu(z)) ** 2  # noqa: E731
     return torch.where(cost(pos) <= cost(neg), pos, neg)
+
+
+def gated_steps(m, n, p, s, g_z, g_s, act: Activation, steps: int, multistart: bool):
+    """The z- and s-steps of a gated MLP on one chunk of tokens (M, N: the sparse up and gate outputs), each 1-D
+    problem divided by its first weight (g_z = g / a_z, g_s = g / a_s): the normalised weights are ~1e-7, and
+    their per-element terms fell into fp32's denormals, ~3x slower. Returns (Z, S, ||P - act(S) Z||^2)."""
+    gs = act.f(s)
+    z = (m + g_z * gs * p) / (g_z * gs * gs + 1.0)
+    s = s_step(s, n, p, z, 1.0, g_s, act, steps, multistart)
+    return z, s, ((p - act.f(s) * z) ** 2).sum()
+
+
+def relu_steps(m, p, g_z):
+    """The z-step of a ReLU MLP on one chunk of tokens (g_z = g / a_z). Returns (Z, ||P - relu(Z)||^2)."""
+    z = relu_z_step(m, p, 1.0, g_z)
+    return z, ((p - torch.relu(z)) ** 2).sum()
+
+
+_gated_steps, _relu_steps = fused(gated_steps), fused(relu_steps)
