@@ -68,11 +68,6 @@ def sum_sq(t: torch.Tensor) -> float:
     return sum(torch.dot(piece, piece).item() for piece in flat.split(1 << 20))
 
 
-def sq_dist(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b||^2 in one fused pass (no temporaries)."""
-    return torch.nn.functional.mse_loss(a, b, reduction="sum").item()
-
-
 def cross(target: torch.Tensor, inputs: torch.Tensor, n: int) -> torch.Tensor:
     """T^T A / n, summed over the ranks' rows (n: their total count)."""
     return parallel.all_sum(target.T @ inputs) / n
@@ -178,7 +173,7 @@ class _Solver:
             self.s = x @ self.dense["gate"].T if self.gated else None
             self.p = torch.empty_like(self.z)
             for sl in _chunks(x.shape[0]):  # chunked: no N x f temporary for act(S)
-                self.p[sl] = self._hidden(self.z[sl], self._s(sl))
+                self.p[sl] = _hidden(self.z[sl], self._s(sl), self.act)
             self.y_target = self.p @ self.dense["down"].T  # Y - b2: what P Wd^T must reproduce
         self.hx = gram(x, self.n)
         self.x_mean = parallel.all_sum(x.sum(0)) / self.n  # (Z - b1)^T X = Z^T X - b1 sum(X): no N x f copy
@@ -209,9 +204,6 @@ class _Solver:
 
     def _s(self, sl: slice) -> torch.Tensor | None:
         return self.s[sl] if self.gated else None
-
-    def _hidden(self, z, s):
-        return self.act.f(s) * z if self.gated else self.act.f(z)
 
     def _factor(self, inputs: str, hessian: torch.Tensor) -> Factor:
         factor = hessian_factor(hessian, self.m.percdamp)
@@ -250,12 +242,10 @@ class _Solver:
         err = token_err = obj = gap = 0.0
         for sl in _chunks(self.x.shape[0]):
             x, y = self.x[sl], self.y_target[sl]
-            m, n = torch.addmm(self.b1, x, wu.T), None
-            obj += self.a_z * sq_dist(self.z[sl], m)
-            if self.gated:
-                n = x @ wg.T
-                obj += self.a_s * sq_dist(self.s[sl], n)
-            out = self._hidden(m, n) @ wd.T
+            m, n = torch.addmm(self.b1, x, wu.T), x @ wg.T if self.gated else None
+            h, z_gap, s_gap = _hidden_and_gaps(m, n, self.z[sl], self._s(sl), self.act)
+            obj += self.a_z * z_gap.item() + self.a_s * s_gap.item()
+            out = h @ wd.T
             per_token = (y - out).pow_(2).sum(1)
             err += per_token.sum().item()
             token_err += (per_token / self.y_token_sq[sl]).sum().item()
@@ -296,7 +286,7 @@ class _Solver:
         P = H + D it is ridge regression of R = Y - b2 - H Wd^T on Wd: D = R L (Woodbury's d x d form of
         (b Wd^T Wd + g I)^-1: no f x f factorisation). Until the first p-step P = H, so R is `residual`.
         """
-        h = self._hidden(self.z[sl], self._s(sl))
+        h = _hidden(self.z[sl], self._s(sl), self.act)
         if not self.p_is_hidden:
             residual = torch.addmm(self.y_target[sl], h, wd.T, alpha=-1.0)
         torch.addmm(h, residual, lift, out=self.p[sl])
@@ -375,4 +365,17 @@ def relu_steps(m, p, g_z):
     return z, ((p - torch.relu(z)) ** 2).sum()
 
 
+def hidden(z, s, act: Activation):
+    """h(Z, S) = act(S) Z (gated), or act(Z) (ReLU MLP, S None): the down projection's input."""
+    return act.f(z) if s is None else act.f(s) * z
+
+
+def hidden_and_gaps(m, n, z, s, act: Activation):
+    """For one chunk of tokens: h(M, N) of the sparse up/gate outputs, ||Z - M||^2 and ||S - N||^2 (0: ReLU MLP)."""
+    s_gap = torch.zeros((), device=m.device) if n is None else ((s - n) ** 2).sum()
+    return hidden(m, n, act), ((z - m) ** 2).sum(), s_gap
+
+
+# Each one pass over its chunk instead of one per elementwise op (engine/fused.py).
 _gated_steps, _relu_steps = fused(gated_steps), fused(relu_steps)
+_hidden, _hidden_and_gaps = fused(hidden), fused(hidden_and_gaps)
