@@ -161,6 +161,57 @@ def test_activation_derivatives_match_autograd(act):
     torch.testing.assert_close(d2f, grad2, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_fused_gated_steps_do_the_eager_math(act):
+    """The compiled z/s-steps (the solver's path) against the same function run eagerly: Z to rounding, and S to the
+    same per-element objective (a near-tie between two Newton trials may fall the other way under other rounding)."""
+    from sparsellm.methods import sparsellm as S
+
+    gen = torch.Generator().manual_seed(7)
+    m, n, p, s = (torch.randn(300, 96, generator=gen) * 2 for _ in range(4))
+    g_z, g_s, f = torch.tensor(0.8), torch.tensor(2.5), ACTIVATIONS[act]
+    fast = S._gated_steps(m, n, p, s, g_z, g_s, f, 1, False)
+    assert not S._gated_steps.eager, "torch.compile failed here (no C++ compiler?): SparseLLM runs eagerly, slower"
+    slow = S.gated_steps(m, n, p, s, g_z, g_s, f, 1, False)
+    cost = lambda z, s: (s - n) ** 2 + g_s * (p - f.f(s) * z) ** 2  # noqa: E731
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cost(*fast[:2]), cost(*slow[:2]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[2], slow[2], rtol=1e-5, atol=0.0)
+    assert (cost(*fast[:2]) < cost(slow[0], s)).float().mean() > 0.9  # and the step did lower most terms
+
+
+def test_fused_relu_step_and_measurement_do_the_eager_math():
+    from sparsellm.methods import sparsellm as S
+
+    gen = torch.Generator().manual_seed(8)
+    m, n, p, z, s = (torch.randn(300, 96, generator=gen) for _ in range(5))
+    silu, relu = ACTIVATIONS["silu"], ACTIVATIONS["relu"]
+    for fast, slow in [
+        (S._relu_steps(m, p, torch.tensor(1.7)), S.relu_steps(m, p, torch.tensor(1.7))),
+        (S._hidden_and_gaps(m, n, z, s, silu), S.hidden_and_gaps(m, n, z, s, silu)),
+        (S._hidden_and_gaps(m, None, z, None, relu), S.hidden_and_gaps(m, None, z, None, relu)),
+        ((S._hidden(z, s, silu),), (S.hidden(z, s, silu),)),
+    ]:
+        for a, b in zip(fast, slow, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_falls_back_to_eager_where_compiling_fails(monkeypatch, caplog):
+    from sparsellm.engine.fused import fused
+
+    def no_compiler(*_args, **_kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(details)")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    square = fused(lambda t: t * t)
+    x = torch.arange(5.0)
+    assert torch.equal(square(x), x * x) and torch.equal(square(x), x * x)
+    assert square.eager
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile unavailable" in r.getMessage()]
+    assert warnings == ["torch.compile unavailable for <lambda> (InvalidCxxCompiler: No working C++ compiler found); "
+                        "running it eagerly (slower)"]  # fmt: skip
+
+
 def test_warm_s_step_never_raises_the_term():
     gen = torch.Generator().manual_seed(3)
     s0, n, p, z = (torch.randn(5000, generator=gen) * 2 for _ in range(4))

@@ -19,22 +19,22 @@ import torch
 log = logging.getLogger("sparsellm")
 
 
-def fused(fn: Callable) -> Callable:
-    """`fn` compiled on first use; if compiling fails, `fn` itself from then on (one warning)."""
-    compiled: Callable | None = None
-    eager = False
+class fused:  # noqa: N801 (used as a function decorator)
+    """`fn` compiled on first use; if compiling fails, `fn` itself from then on (one warning, and `eager` is set)."""
 
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        nonlocal compiled, eager
-        if not eager:
+    def __init__(self, fn: Callable):
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.compiled: Callable | None = None
+        self.eager = False
+
+    def __call__(self, *args, **kwargs):
+        if not self.eager:
             try:
-                compiled = compiled or torch.compile(fn, dynamic=True)
-                return compiled(*args, **kwargs)
+                self.compiled = self.compiled or torch.compile(self.fn, dynamic=True)
+                return self.compiled(*args, **kwargs)
             except Exception as e:  # no C++ compiler, an unsupported platform: the same function, eagerly
-                eager = True
+                self.eager = True
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                log.warning("torch.compile unavailable for %s (%s); running it eagerly (slower)", fn.__name__, reason)
-        return fn(*args, **kwargs)
-
-    return call
+                log.warning("torch.compile unavailable for %s (%s); running it eagerly (slower)", self.__name__, reason)
+        return self.fn(*args, **kwargs)
