@@ -30,6 +30,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..engine import parallel
 from ..engine.fused import fused
@@ -163,13 +164,12 @@ class _Solver:
         self.gated = mlp.kind == "gated"
         self.act = activation(mlp.act_name)
         self.dense = {k: lin.weight.data.float().clone() for k, lin in self._linears().items()}
-        zeros = lambda n: torch.zeros(n, device=x.device)  # noqa: E731
-        self.b1 = mlp.up.bias.data.float() if mlp.up.bias is not None else zeros(mlp.up.out_features)
-        self.b2 = mlp.down.bias.data.float() if mlp.down.bias is not None else zeros(mlp.down.out_features)
+        self.b1 = mlp.up.bias.data.float() if mlp.up.bias is not None else None  # None: no zeros added to every Z
+        self.b2 = mlp.down.bias.data.float() if mlp.down.bias is not None else x.new_zeros(mlp.down.out_features)
         (tokens,) = parallel.all_sum_floats(x.shape[0])
         self.n = int(tokens)  # over all ranks: every sum below is all-reduced
         with torch.no_grad():
-            self.z = torch.addmm(self.b1, x, self.dense["up"].T)
+            self.z = F.linear(x, self.dense["up"], self.b1)
             self.s = x @ self.dense["gate"].T if self.gated else None
             self.p = torch.empty_like(self.z)
             for sl in _chunks(x.shape[0]):  # chunked: no N x f temporary for act(S)
@@ -217,7 +217,9 @@ class _Solver:
         self._linears()[name].weight.data.copy_(self.m.prune_factored(w_star, factor, self.target))
 
     def w_steps(self, first: bool) -> None:
-        up_fit = None if first else cross(self.z, self.x, self.n) - torch.outer(self.b1, self.x_mean)
+        up_fit = None if first else cross(self.z, self.x, self.n)
+        if up_fit is not None and self.b1 is not None:
+            up_fit -= torch.outer(self.b1, self.x_mean)
         self._sparse_fit("up", up_fit, self.hx, self.hx_factor)
         if self.gated:
             self._sparse_fit("gate", None if first else cross(self.s, self.x, self.n), self.hx, self.hx_factor)
@@ -242,7 +244,7 @@ class _Solver:
         err = token_err = obj = gap = 0.0
         for sl in _chunks(self.x.shape[0]):
             x, y = self.x[sl], self.y_target[sl]
-            m, n = torch.addmm(self.b1, x, wu.T), x @ wg.T if self.gated else None
+            m, n = F.linear(x, wu, self.b1), x @ wg.T if self.gated else None
             h, z_gap, s_gap = _hidden_and_gaps(m, n, self.z[sl], self._s(sl), self.act)
             obj += self.a_z * z_gap.item() + self.a_s * s_gap.item()
             out = h @ wd.T
