@@ -5,7 +5,7 @@ import torch
 
 from sparsellm.methods import Target, make_method
 from sparsellm.methods.base import mask_from_scores, prune_count, smallest
-from sparsellm.methods.sparsegpt import group_smallest, inverse_cholesky
+from sparsellm.methods.sparsegpt import cholesky, group_smallest, inverse_cholesky
 
 
 def problem(rows=64, cols=128, tokens=2048, seed=0):
@@ -134,6 +134,16 @@ def test_sparsegpt_equals_the_unbatched_algorithm(target):
     reference, mask = sparsegpt_reference(W, H, target)
     assert torch.equal(ours == 0, mask)
     assert (ours.double() - reference).abs().max() < 1e-4 * reference.abs().max()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_cholesky_refuses_a_non_finite_entry_off_the_diagonal(bad):
+    """A bad entry off the diagonal is refused: it reaches its row's pivot (LAPACK then reports failure, and the
+    factor's diagonal, which is all `cholesky` checks for NaN/Inf, holds it)."""
+    H = 2 * torch.eye(6)
+    H[4, 1] = H[1, 4] = bad
+    assert cholesky(H) is None and cholesky(H, upper=True) is None
+    assert cholesky(2 * torch.eye(6)) is not None
 
 
 def test_singular_hessian_raises_damping_and_says_so():
