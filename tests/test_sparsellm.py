@@ -5,9 +5,10 @@ import torch
 from conftest import random_tokens, tiny_model
 
 from sparsellm.engine.sequential import EngineOptions, prune_model, replaying
+from sparsellm.engine.stats import add_xtx_upper, mirror_upper
 from sparsellm.methods import Target, make_method
 from sparsellm.methods.activations import ACTIVATIONS
-from sparsellm.methods.sparsellm import gram, relu_z_step, s_step
+from sparsellm.methods.sparsellm import CHUNK, gram, relu_z_step, s_step
 from sparsellm.models.adapters import MLP
 
 
@@ -33,14 +34,23 @@ def mlp_error(mlp, X, Y):
         return ((mlp(X) - Y) ** 2).sum().item() / (Y**2).sum().item()
 
 
+def chunked_gram(a):
+    """A^T A / N summed over the solver's chunks of tokens, as it sums the Hessian of P (never whole)."""
+    summed = torch.zeros(a.shape[1], a.shape[1])
+    for rows in a.split(CHUNK):
+        add_xtx_upper(summed, rows)
+    return mirror_upper(summed) / a.shape[0]
+
+
 def sparsegpt_mlp(mlp, X, target):
-    """SparseGPT on each linear with the dense model's own input Hessians (accumulated as the engine does)."""
+    """SparseGPT on each linear with the dense model's own input Hessians."""
     sg = make_method("sparsegpt")
     with torch.no_grad():
         P = mlp.hidden(X)
-    for lin, A in ((mlp.up, X), (mlp.gate, X), (mlp.down, P)):
+    assert (chunked_gram(P) - gram(P)).abs().max() < 1e-5 * gram(P).abs().max()  # the same Hessian
+    for lin, H in ((mlp.up, gram(X)), (mlp.gate, gram(X)), (mlp.down, chunked_gram(P))):
         if lin is not None:
-            lin.weight.data = sg.prune(lin.weight.data, gram(A), target).weight
+            lin.weight.data = sg.prune(lin.weight.data, H, target).weight
 
 
 @pytest.mark.parametrize("kind", ["gated", "relu"])
@@ -238,26 +248,38 @@ def test_mlp_input_after_or_before_attention_pruning(dense_input):
     assert all(len(log.mlp["output_error"]) == 2 and 1 <= log.mlp["kept_round"] <= 2 for log in logs)
 
 
+def recording_p(solver) -> torch.Tensor:
+    """A tensor that each later sweep fills with its p-step's result P (the solver keeps only its statistics)."""
+    p = torch.full_like(solver.z, float("nan"))
+    steps = solver._z_and_s_steps
+
+    def spy(sl, m, n, p_rows):
+        p[sl] = p_rows
+        return steps(sl, m, n, p_rows)
+
+    solver._z_and_s_steps = spy
+    return p
+
+
 @pytest.mark.parametrize("kind", ["gated", "relu"])
 def test_logged_objective_equals_its_direct_formula(kind):
     from sparsellm.methods.sparsellm import _Solver
 
     mlp, X = synthetic_mlp(kind)
     solver = _Solver(make_method("sparsellm"), mlp, X, Target(sparsity=0.7))
+    hidden = lambda: mlp.act(solver.s) * solver.z if kind == "gated" else mlp.act(solver.z)  # noqa: E731
+    p = hidden()  # P = h(Z, S) until the first p-step
+    p_steps = recording_p(solver)
     for first in (True, False):
         solver.w_steps(first=first)
         wu, wd = mlp.up.weight.data, mlp.down.weight.data
         direct = solver.a_z * (solver.z - torch.nn.functional.linear(X, wu, solver.b1)).pow(2).sum()
-        direct += (
-            solver.g
-            * (solver.p - mlp.act(solver.s) * solver.z if kind == "gated" else solver.p - mlp.act(solver.z))
-            .pow(2)
-            .sum()
-        )
-        direct += solver.b * (solver.y_target - solver.p @ wd.T).pow(2).sum()
+        direct += solver.g * (p - hidden()).pow(2).sum()
+        direct += solver.b * (solver.y_target - p @ wd.T).pow(2).sum()
         if kind == "gated":
             direct += solver.a_s * (solver.s - X @ mlp.gate.weight.data.T).pow(2).sum()
         assert solver.sweep(last=False)[-1] == pytest.approx(direct.item(), rel=1e-4)  # measured before the steps
+        p = p_steps.clone()
 
 
 @pytest.mark.parametrize("kind", ["gated", "relu"])
@@ -267,6 +289,7 @@ def test_p_step_is_the_exact_minimiser(kind):
 
     mlp, X = synthetic_mlp(kind)
     solver = _Solver(make_method("sparsellm"), mlp, X, Target(sparsity=0.7))
+    p = recording_p(solver)
 
     def direct():
         wd, g, b = mlp.down.weight.data.double(), solver.g, solver.b
@@ -276,14 +299,37 @@ def test_p_step_is_the_exact_minimiser(kind):
 
     solver.w_steps(first=True)
     expected = direct()
-    solver.sweep(last=False)  # the first p-step: P = h(Z, S), its residual the one the sweep measured
-    assert (solver.p.double() - expected).norm() / expected.norm() < 1e-4  # fp32, condition number ~130: ~1e-5
+    solver.sweep(last=False)  # the first p-step: P = h(Z, S)
+    assert (p.double() - expected).norm() / expected.norm() < 1e-4  # fp32, condition number ~130: ~1e-5
     solver.w_steps(first=False)
     noise = torch.randn(solver.z.shape, generator=torch.Generator().manual_seed(4))
-    solver.z += 0.1 * noise  # a later one: h(Z, S) far from P, the residual computed anew
+    solver.z += 0.1 * noise  # a later one: h(Z, S) far from P
     expected = direct()
     solver.sweep(last=False)
-    assert (solver.p.double() - expected).norm() / expected.norm() < 1e-4
+    assert (p.double() - expected).norm() / expected.norm() < 1e-4
+
+
+def test_p_statistics_give_the_down_fit_and_the_output_term_of_any_weight():
+    """From G = P^T P, A = R0^T P and ||R0||^2 (R0 = Y - P W0^T), summed over chunks of tokens: Y^T P, and
+    ||Y - P W^T||^2 for a W far from W0, as computed from P itself."""
+    from sparsellm.methods.sparsellm import PStats
+
+    g = torch.Generator().manual_seed(6)
+    P, W0 = torch.randn(900, 40, generator=g), torch.randn(16, 40, generator=g)
+    Y = P @ W0.T + 0.05 * torch.randn(900, 16, generator=g)  # W0 fits: R0 small, as after a p-step
+    stats = PStats(W0.clone())
+    for rows in range(0, 900, 256):
+        chunk = slice(rows, rows + 256)
+        stats.add(P[chunk], Y[chunk] - P[chunk] @ W0.T)
+    stats.reduce()
+    W = W0 * (torch.rand(W0.shape, generator=g) > 0.7)  # 70% of W0 zeroed
+    P64, Y64 = P.double(), Y.double()
+    assert torch.equal(stats.gram, stats.gram.T)
+    assert torch.allclose(stats.gram.double(), P64.T @ P64, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(stats.cross().double(), Y64.T @ P64, rtol=1e-5, atol=1e-3)
+    for w in (W0, W):
+        direct = (Y64 - P64 @ w.double().T).pow(2).sum().item()
+        assert stats.output_term(w) == pytest.approx(direct, rel=1e-5)
 
 
 def test_least_squares_is_the_ridge_fit_towards_the_dense_weights():

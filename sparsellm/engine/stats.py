@@ -13,14 +13,31 @@ from torch import nn
 from . import parallel
 
 
+def _blocks(k: int, block: int):
+    for i in range(0, k, block):
+        yield i, min(i + block, k)
+
+
 def xtx(a: torch.Tensor, block: int = 384) -> torch.Tensor:
     """A^T A for A [N, k], exactly symmetric: only the blocks on and above the diagonal are multiplied, the
     rest mirrored (~2/3 of a full product's work at k = 1536, ~4/5 at 576)."""
     k = a.shape[1]
     out = torch.empty(k, k, dtype=a.dtype, device=a.device)
-    for i in range(0, k, block):
-        j = min(i + block, k)
+    for i, j in _blocks(k, block):
         out[i:j, i:] = a[:, i:j].T @ a[:, i:]
+    return mirror_upper(out, block)
+
+
+def add_xtx_upper(acc: torch.Tensor, a: torch.Tensor, block: int = 384) -> None:
+    """acc += A^T A on and above the diagonal blocks only, for sums over many chunks of rows: `mirror_upper`
+    completes the sum once (mirroring every chunk's product made a 16-chunk sum ~15% slower than one product)."""
+    for i, j in _blocks(a.shape[1], block):
+        acc[i:j, i:].addmm_(a[:, i:j].T, a[:, i:])
+
+
+def mirror_upper(out: torch.Tensor, block: int = 384) -> torch.Tensor:
+    """Fill the blocks below the diagonal blocks with the transpose of those above (in place)."""
+    for i, j in _blocks(out.shape[0], block):
         out[j:, i:j] = out[i:j, j:].T
     return out
 

@@ -15,13 +15,15 @@ that SparseGPT uses), then SparseGPT on that fit with that Hessian (since ||T - 
 ||(W* - W) A||^2, that is the sparse least-squares step);
 (2) P in closed form, as a ridge regression of the output residual (a d x d Cholesky, never f x f);
 (3) Z exactly per element; (4) S (gated) by safeguarded per-element Newton that only accepts decreases.
+P is used whole only through its statistics (down's W-step and the objective's output term, `PStats`), so it
+exists one chunk of tokens at a time: the solver holds two N x f tensors (Z, S; Z alone for a ReLU MLP).
 
 Every term is normalised by the squared norm of its dense target, so one (alpha, beta, gamma) serves all
 layers and families. Round 1 fits the dense targets, whose least-squares solutions are the dense weights,
 so round 1 is exactly SparseGPT. After each W-step the real MLP's output error ||Y - mlp(X)||^2 / ||Y||^2 is
 measured, globally and per token; the round with the lowest mean per-token relative error is kept (never a
 worse last round). Steps (2)-(4) are row-wise: one pass over the tokens measures the round and updates each
-chunk in turn, so the solver holds three N x f tensors (Z, S, P), not the sparse up/gate outputs as well.
+chunk in turn, so the sparse up/gate outputs and P never exist for all tokens at once.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 from ..engine import parallel
 from ..engine.fused import fused
-from ..engine.stats import xtx
+from ..engine.stats import add_xtx_upper, mirror_upper, xtx
 from ..models.adapters import MLP
 from .activations import Activation, activation
 from .base import Target
@@ -84,6 +86,47 @@ def least_squares(t_a: torch.Tensor, hessian: torch.Tensor, U: torch.Tensor, w0:
     (SmolLM2, quick protocol: 2:4 WikiText-2 143.89 -> 115.43, 80% 1050.27 -> 771.96; BENCHMARKS.md).
     """
     return w0 + (t_a - w0 @ hessian) @ U.T @ U
+
+
+class PStats:
+    """What the solver keeps of P [N, f], the down projection's input, instead of P itself: G = P^T P,
+    A = R0^T P and ||R0||^2, with R0 = Y - b2 - P W0^T the output residual of the down weight W0 that P was
+    fitted to (summed over the ranks' tokens by `reduce`).
+
+    They give down's least-squares fit, P^T (Y - b2) = A^T + G W0^T, and the objective's output term for any W:
+    ||Y - b2 - P W^T||^2 = ||R0 + P D^T||^2 = ||R0||^2 + 2 <A, D> + <D G, D> with D = W0 - W. The terms are as small
+    as the residuals (R0 is the p-step's small remainder), not a difference of terms the size of ||Y||^2, which
+    is what made an expansion of ||Y - P W^T||^2 itself come out negative on real layers.
+    """
+
+    def __init__(self, w0: torch.Tensor):
+        self.w0 = w0
+        self.gram = w0.new_zeros(w0.shape[1], w0.shape[1])
+        self.a = torch.zeros_like(w0)
+        self.r0_sq = 0.0
+
+    def add(self, p: torch.Tensor, r0: torch.Tensor | None) -> None:
+        """Add a chunk of tokens: their rows of P and of R0 (None: zero, P W0^T is exactly Y - b2)."""
+        add_xtx_upper(self.gram, p)  # completed by `reduce`
+        if r0 is not None:
+            self.a.addmm_(r0.T, p)
+            self.r0_sq += sum_sq(r0)
+
+    def reduce(self) -> PStats:
+        self.gram, self.a = parallel.all_sum(mirror_upper(self.gram)), parallel.all_sum(self.a)
+        (self.r0_sq,) = parallel.all_sum_floats(self.r0_sq)
+        return self
+
+    def cross(self) -> torch.Tensor:
+        """(Y - b2)^T P [d, f]."""
+        return torch.addmm(self.a, self.w0, self.gram)
+
+    def output_term(self, w: torch.Tensor) -> float:
+        """||Y - b2 - P W^T||^2."""
+        d = self.w0 - w
+        linear = torch.sum(self.a * d, dtype=torch.float64)
+        quadratic = torch.sum((d @ self.gram) * d, dtype=torch.float64)
+        return self.r0_sq + (2 * linear + quadratic).item()
 
 
 def newton(s, n, p, z, a_s, g, act: Activation, steps: int):
@@ -171,21 +214,24 @@ class _Solver:
         with torch.no_grad():
             self.z = F.linear(x, self.dense["up"], self.b1)
             self.s = x @ self.dense["gate"].T if self.gated else None
-            self.p = torch.empty_like(self.z)
-            for sl in _chunks(x.shape[0]):  # chunked: no N x f temporary for act(S)
-                self.p[sl] = _hidden(self.z[sl], self._s(sl), self.act)
-            self.y_target = self.p @ self.dense["down"].T  # Y - b2: what P Wd^T must reproduce
+            self.y_target = x.new_empty(x.shape[0], mlp.down.out_features)  # Y - b2: what P Wd^T must reproduce
+            self.p_stats = PStats(self.dense["down"])  # of P = h(Z, S) until the first p-step
+            for sl in _chunks(x.shape[0]):
+                p = _hidden(self.z[sl], self._s(sl), self.act)
+                torch.mm(p, self.dense["down"].T, out=self.y_target[sl])
+                self.p_stats.add(p, None)
+        self.p_stats.reduce()
         self.hx = gram(x, self.n)
         self.x_mean = parallel.all_sum(x.sum(0)) / self.n  # (Z - b1)^T X = Z^T X - b1 sum(X): no N x f copy
-        self.p_is_hidden = True  # P = h(Z, S) until the first p-step
         sq = lambda t: sum_sq(t) if t is not None else 0.0  # noqa: E731
         # Normalise each term by its dense target's squared norm: the weights become scale-free.
         y = self.y_target if mlp.down.bias is None else self.y_target + self.b2
         token_sq = y.pow(2).sum(1)  # ||y_t||^2 per token; their sum is ||Y||^2
         y_norm = token_sq.sum(dtype=torch.float64).item()
         y_target_sq = y_norm if mlp.down.bias is None else sq(self.y_target)
-        sums = parallel.all_sum_floats(y_target_sq, sq(self.z), sq(self.p), sq(self.s), y_norm)
-        y_sq, z_sq, p_sq, s_sq, self.y_norm = (v + 1e-30 for v in sums)
+        sums = parallel.all_sum_floats(y_target_sq, sq(self.z), sq(self.s), y_norm)
+        y_sq, z_sq, s_sq, self.y_norm = (v + 1e-30 for v in sums)
+        p_sq = torch.trace(self.p_stats.gram).item() + 1e-30  # ||P||^2, all ranks' (the gram is reduced)
         self.y_token_sq = token_sq.clamp_min(1e-6 * self.y_norm / self.n)  # a near-zero output cannot dominate
         self.a_z, self.g, self.b = method.alpha / z_sq, method.gamma / p_sq, method.beta / y_sq
         self.a_s = method.alpha / s_sq if self.gated else 0.0
@@ -223,8 +269,8 @@ class _Solver:
         self._sparse_fit("up", up_fit, self.hx, self.hx_factor)
         if self.gated:
             self._sparse_fit("gate", None if first else cross(self.s, self.x, self.n), self.hx, self.hx_factor)
-        hp = gram(self.p, self.n)
-        down_fit = None if first else cross(self.y_target, self.p, self.n)
+        hp = self.p_stats.gram / self.n
+        down_fit = None if first else self.p_stats.cross() / self.n
         self._sparse_fit("down", down_fit, hp, self._factor("down input", hp))
 
     def sweep(self, last: bool) -> tuple[float, float, float]:
@@ -235,12 +281,12 @@ class _Solver:
 
         The last round updates nothing: its pass stores the linears' outputs, which the engine's final pass
         replays if this round is kept, in their auxiliaries' storage (Z, S, Y), which nothing reads again.
-        The output term ||Y - b2 - P Wd^T||^2 is summed token by token: expanded from the W-step's statistics it
-        would save a product, but it is a small difference of large fp32 terms and came out negative on real layers.
         """
         wu, wd = self.mlp.up.weight.data.float(), self.mlp.down.weight.data.float()
         wg = self.mlp.gate.weight.data.float() if self.gated else None
-        lift = None if last else self._lift(wd)
+        output_term = self.b * self.p_stats.output_term(wd)  # all ranks' already
+        p_stats = None if last else PStats(wd.clone())  # wd is the layer's weight, which the next W-step overwrites
+        lift, remainder = (None, None) if last else self._lift(wd)
         err = token_err = obj = gap = 0.0
         for sl in _chunks(self.x.shape[0]):
             x, y = self.x[sl], self.y_target[sl]
@@ -251,19 +297,18 @@ class _Solver:
             per_token = (y - out).pow_(2).sum(1)
             err += per_token.sum().item()
             token_err += (per_token / self.y_token_sq[sl]).sum().item()
-            residual = torch.addmm(y, self.p[sl], wd.T, alpha=-1.0)
-            obj += self.b * sum_sq(residual)
             if last:
                 self.z[sl], self.y_target[sl] = m, out.add_(self.b2)
                 if self.gated:
                     self.s[sl] = n
             else:
-                gap += self._update(sl, m, n, residual, wd, lift)
+                gap += self._update(sl, m, n, wd, lift, remainder, p_stats)
         obj += self.g * self.hidden_gap
         self.hidden_gap = gap
-        self.p_is_hidden &= last
+        if p_stats is not None:
+            self.p_stats = p_stats.reduce()
         err, token_err, obj = parallel.all_sum_floats(err, token_err, obj)
-        return err / self.y_norm, token_err / self.n, obj
+        return err / self.y_norm, token_err / self.n, obj + output_term
 
     def _outputs(self) -> dict[torch.nn.Linear, torch.Tensor]:
         """Each linear's output on the MLP inputs, in token order, as the last sweep stored them."""
@@ -272,36 +317,37 @@ class _Solver:
             outputs[self.mlp.gate] = self.s
         return outputs
 
-    def _lift(self, wd: torch.Tensor) -> torch.Tensor:
-        """L = (Wd Wd^T + g/b I)^-1 Wd, the p-step's d x f operator (see _update)."""
+    def _lift(self, wd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The p-step's operators (see _update): L = (Wd Wd^T + g/b I)^-1 Wd [d, f], and K = I - L Wd^T [d, d],
+        which maps a chunk's output residual before the p-step to the one after it."""
         gram_wd = wd @ wd.T
         relative = (self.g / self.b) / max(torch.diag(gram_wd).mean().item(), 1e-12)  # damping = g / b
         chol, events = with_damping(gram_wd, relative, cholesky)
         self.events += [f"mlp p-step: {e}" for e in events]
-        return torch.cholesky_solve(wd, chol)
+        lift = torch.cholesky_solve(wd, chol)
+        return lift, torch.eye(wd.shape[0], device=wd.device) - lift @ wd.T
 
-    def _update(self, sl: slice, m, n, residual, wd, lift) -> float:
-        """The p-, z- and s-steps on the tokens `sl` (M, N: their sparse up/gate outputs; `residual`: their
-        Y - b2 - P Wd^T); returns their ||P - h(Z, S)||^2 after the steps.
+    def _update(self, sl: slice, m, n, wd, lift, remainder, p_stats: PStats) -> float:
+        """The p-, z- and s-steps on the tokens `sl` (M, N: their sparse up/gate outputs); adds their P to
+        `p_stats` and returns their ||P - h(Z, S)||^2 after the steps.
 
         p-step: P = argmin g ||P - H||^2 + b ||Y - b2 - P Wd^T||^2 with H = h(Z, S), in residual form. With
         P = H + D it is ridge regression of R = Y - b2 - H Wd^T on Wd: D = R L (Woodbury's d x d form of
-        (b Wd^T Wd + g I)^-1: no f x f factorisation). Until the first p-step P = H, so R is `residual`.
+        (b Wd^T Wd + g I)^-1: no f x f factorisation). What remains, Y - b2 - P Wd^T = R (I - L Wd^T) = R K.
         """
         h = _hidden(self.z[sl], self._s(sl), self.act)
-        if not self.p_is_hidden:
-            residual = torch.addmm(self.y_target[sl], h, wd.T, alpha=-1.0)
-        torch.addmm(h, residual, lift, out=self.p[sl])
+        residual = torch.addmm(self.y_target[sl], h, wd.T, alpha=-1.0)
+        p = torch.addmm(h, residual, lift)
+        p_stats.add(p, residual @ remainder)
         gap = 0.0
         for i in _chunks(m.shape[0], ELEMENTWISE_CHUNK):  # in cache-sized pieces: these steps are memory-bound
             rows = slice(sl.start + i.start, sl.start + i.stop)
-            gap += self._z_and_s_steps(rows, m[i], n[i] if self.gated else None)
+            gap += self._z_and_s_steps(rows, m[i], n[i] if self.gated else None, p[i])
         return gap
 
-    def _z_and_s_steps(self, sl: slice, m, n) -> float:
-        """Z exactly, then S by safeguarded Newton, per element, on the tokens `sl`; returns their
-        ||P - h(Z, S)||^2 (the objective's term, summed while they are in cache)."""
-        p = self.p[sl]
+    def _z_and_s_steps(self, sl: slice, m, n, p) -> float:
+        """Z exactly, then S by safeguarded Newton, per element, on the tokens `sl` (P: their p-step result);
+        returns their ||P - h(Z, S)||^2 (the objective's term, summed while they are in cache)."""
         if self.gated:
             z, s, gap = _gated_steps(m, n, p, self.s[sl], self.g_z, self.g_s, self.act, self.m.newton_steps,
                                      self.m.multistart)  # fmt: skip
