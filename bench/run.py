@@ -1,6 +1,6 @@
 """The benchmark in one command: quality and cost of every method, beside llm-compressor and the cost floor.
 
-    python bench/run.py                 # default grid: every method at 50/70/80/90%, 2:4, 3:4 (81-94 min on 2 cores)
+    python bench/run.py                 # default grid: every method at 50/70/80/90%, 2:4, 3:4 (75-94 min on 2 cores)
     python bench/run.py --fast          # SparseGPT, SparseLLM at 70% and 2:4 (WikiText-2), llm-compressor's SparseGPT
     python bench/run.py --model gemma3-270m --methods sparsegpt,sparsellm --sparsities 0.7
 
