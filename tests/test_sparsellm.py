@@ -5,10 +5,9 @@ import torch
 from conftest import random_tokens, tiny_model
 
 from sparsellm.engine.sequential import EngineOptions, prune_model, replaying
-from sparsellm.engine.stats import add_xtx_upper, mirror_upper
 from sparsellm.methods import Target, make_method
 from sparsellm.methods.activations import ACTIVATIONS
-from sparsellm.methods.sparsellm import CHUNK, gram, relu_z_step, s_step
+from sparsellm.methods.sparsellm import CHUNK, PStats, gram, relu_z_step, s_step
 from sparsellm.models.adapters import MLP
 
 
@@ -35,11 +34,11 @@ def mlp_error(mlp, X, Y):
 
 
 def chunked_gram(a):
-    """A^T A / N summed over the solver's chunks of tokens, as it sums the Hessian of P (never whole)."""
-    summed = torch.zeros(a.shape[1], a.shape[1])
+    """A^T A / N summed by the solver's own `PStats` over its chunks of tokens, as it sums the Hessian of P."""
+    stats = PStats(torch.zeros(1, a.shape[1]))
     for rows in a.split(CHUNK):
-        add_xtx_upper(summed, rows)
-    return mirror_upper(summed) / a.shape[0]
+        stats.add(rows, None)
+    return stats.reduce().gram / a.shape[0]
 
 
 def sparsegpt_mlp(mlp, X, target):
@@ -312,8 +311,6 @@ def test_p_step_is_the_exact_minimiser(kind):
 def test_p_statistics_give_the_down_fit_and_the_output_term_of_any_weight():
     """From G = P^T P, A = R0^T P and ||R0||^2 (R0 = Y - P W0^T), summed over chunks of tokens: Y^T P, and
     ||Y - P W^T||^2 for a W far from W0, as computed from P itself."""
-    from sparsellm.methods.sparsellm import PStats
-
     g = torch.Generator().manual_seed(6)
     P, W0 = torch.randn(900, 40, generator=g), torch.randn(16, 40, generator=g)
     Y = P @ W0.T + 0.05 * torch.randn(900, 16, generator=g)  # W0 fits: R0 small, as after a p-step
