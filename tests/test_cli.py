@@ -1,5 +1,6 @@
 """The CLI end to end on a tiny model folder, and bad input: one line on stderr, exit status 2, no traceback."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -13,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from sparsellm import cli
 from sparsellm.models import loading
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
 
 def run(*args, cwd=None):
@@ -151,13 +154,63 @@ def test_a_full_disk_is_one_line_and_leaves_no_output(tiny_folder, tmp_path, mon
 
 
 def test_bench_refuses_a_missing_model_in_one_line_and_leaves_no_folder(tmp_path):
-    bench = Path(__file__).resolve().parent.parent / "bench" / "run.py"
     out = tmp_path / "bench"
-    cmd = [sys.executable, str(bench), "--model", str(tmp_path / "nothing-here"), "--no-peer", "--out", str(out)]
+    cmd = [sys.executable, str(BENCH), "--model", str(tmp_path / "nothing-here"), "--no-peer", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("bench: error: model not found")
     assert not out.exists()
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_ratios_over_seeds_pair_each_seed_with_its_own_peer_run():
+    bench = load_bench()
+    assert bench.parse_args(["--seed", "3"]).seeds == [3]
+    assert bench.parse_args(["--seeds", "0,1,2"]).seeds == [0, 1, 2]
+
+    def run(toolkit, method, seed, ppl, seconds):
+        return {"toolkit": toolkit, "method": method, "target": "3:4", "seed": seed,
+                "perplexity": {"wikitext2": ppl}, "prune_s": seconds}  # fmt: skip
+
+    rows = [
+        run("sparsellm", "sparsegpt", 0, 110.0, 30.0),
+        run("sparsellm", "sparsellm", 0, 90.0, 90.0),  # no peer run: not paired
+        run("llmcompressor", "sparsegpt", 0, 100.0, 60.0),
+        run("sparsellm", "sparsegpt", 1, 80.0, 20.0),
+        run("llmcompressor", "sparsegpt", 1, 100.0, 50.0),
+    ]
+    paired = bench.pairs(rows)
+    assert list(paired) == [("sparsegpt", "3:4")]
+    assert [(ours["seed"], theirs["seed"]) for ours, theirs in paired[("sparsegpt", "3:4")]] == [(0, 0), (1, 1)]
+    row = bench.over_seeds(rows).splitlines()[-1]
+    # ratios 1.1 and 0.8: geometric mean sqrt(0.88) = 0.938; seconds 0.5 and 0.4: sqrt(0.2) = 0.447
+    assert row == "| sparsegpt | 3:4 | 1.100, 0.800 | **0.938** | 1 of 2 | 0.45 |"
+
+
+def test_bench_runs_each_seed_on_its_own_calibration_tokens(tiny_folder, tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(BENCH), "--model", str(tiny_folder), "--methods", "magnitude", "--sparsities", "0.5"]
+    cmd += ["--all-datasets", "none", "--no-peer", "--seeds", "0,1", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "bench.json").read_text())
+    assert result["seeds"] == [0, 1] and [run["seed"] for run in result["runs"]] == [0, 1]
+    shas = [
+        json.loads((out / f"seed-{k}" / "magnitude-0.5" / "report.json").read_text())["data"]["calibration"][
+            "tokens_sha256"
+        ]
+        for k in (0, 1)
+    ]
+    assert shas[0] != shas[1]  # and bench.py refuses a run whose tokens are not its seed's
+    text = (out / "bench.md").read_text()
+    assert "calibration seeds 0, 1" in text and "Seed 0:" in text and "Seed 1:" in text
+    assert not list(out.rglob("*.safetensors"))  # weights dropped once read
 
 
 def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path):
