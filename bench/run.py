@@ -38,6 +38,16 @@ DATASETS_ALL = ("wikitext2", "ptb", "c4")
 PEER_METHODS = ("sparsegpt", "wanda")
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers separated by commas, e.g. 0,1,2,3") from None
+    if len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: each seed once (a repeated seed repeats the same runs)")
+    return seeds
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -48,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--seeds",
         "--seed",
-        default="0",
+        type=seed_list,
+        default=[0],
         help="calibration sampler seeds, e.g. 0,1,2,3: the grid once per seed (one tensor for every run of a seed),"
         " then ours/theirs per seed and its geometric mean",
     )
@@ -71,7 +82,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also score the seven zero-shot tasks (lm-eval) on the first N items each: the mean acc column",
     )
     args = ap.parse_args(argv)
-    args.seeds = [int(k) for k in args.seeds.split(",")]
     if args.fast:
         # The peer runs the methods we share with it: here its SparseGPT, the pair of the goals' ratios.
         args.methods, args.sparsities, args.all_datasets = "sparsegpt,sparsellm", "0.7,2:4", "none"

@@ -173,6 +173,9 @@ def test_bench_ratios_over_seeds_pair_each_seed_with_its_own_peer_run():
     bench = load_bench()
     assert bench.parse_args(["--seed", "3"]).seeds == [3]
     assert bench.parse_args(["--seeds", "0,1,2"]).seeds == [0, 1, 2]
+    for bad in ("0,x", "1,1"):  # argparse's one-line error, exit status 2
+        with pytest.raises(SystemExit, match="2"):
+            bench.parse_args(["--seeds", bad])
 
     def run(toolkit, method, seed, ppl, seconds):
         return {"toolkit": toolkit, "method": method, "target": "3:4", "seed": seed,
