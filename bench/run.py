@@ -8,8 +8,8 @@
 Every run is a fresh `sparsellm prune` process (honest peak RSS) on the same calibration tokens (the
 protocol's sampler, `--seed`, default 0; each report's token sha256 is checked against the one the bench computed).
 With several `--seeds` the grid runs once per seed (OUT/seed-K/) and the table ends with ours/theirs per seed and
-its geometric mean: at 80% and 3:4 one run's perplexity moves by 10-30% with the last bits of its arithmetic (on
-SmolLM2), so a 1% comparison is a comparison of means.
+its geometric mean: at 80% and 3:4 one run's perplexity moves with the last bits of its arithmetic (a standard
+deviation of 6% at 3:4 on SmolLM2) and more between seeds, so a 1% comparison is a comparison of means.
 llm-compressor (optional: `bash bench/peer_env.sh` makes `.venv-peer`, since it pins its own transformers)
 prunes the same linears from the same tokens in its own process; its model is evaluated by our evaluator,
 so perplexities differ only by the pruning. The floor is two forward passes of the calibration set
