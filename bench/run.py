@@ -111,20 +111,23 @@ def sh(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"bench: {' '.join(map(str, cmd))} failed (exit {done.returncode}); see {log}")
 
 
-def calibration(model: str, protocol: str, seed: int, out: Path) -> tuple[Path, str]:
-    """The calibration tokens every run uses, saved for the peer; and their sha256 as our reports state it."""
+def calibrations(model: str, protocol: str, folders: dict[int, Path]) -> dict[int, tuple[Path, str]]:
+    """Each seed's calibration tokens, which every run of that seed uses, saved in its folder for the peer; and
+    their sha256 as our reports state it."""
     import sparsellm
     from sparsellm.api import protocol as named_protocol
     from sparsellm.api import seqlen_for, tensor_sha256
     from sparsellm.data import texts
 
     m, tok = sparsellm.load(model)
-    proto = named_protocol(protocol)
-    tokens = texts.calibration(tok, texts.corpus("c4", "train"), proto.nsamples, seqlen_for(m, proto, None), seed=seed)
-    out.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a bad --model leaves no folder behind
-    path = out / "calibration.pt"
-    torch.save(tokens, path)
-    return path, tensor_sha256(tokens.to(torch.int64))
+    proto, corpus = named_protocol(protocol), texts.corpus("c4", "train")
+    out = {}
+    for seed, folder in folders.items():
+        tokens = texts.calibration(tok, corpus, proto.nsamples, seqlen_for(m, proto, None), seed=seed)
+        folder.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a bad --model leaves no folder
+        torch.save(tokens, folder / "calibration.pt")
+        out[seed] = folder / "calibration.pt", tensor_sha256(tokens.to(torch.int64))
+    return out
 
 
 def ours(args, out: Path, seed: int, method: str, target: str, calib_sha: str) -> dict:
@@ -228,7 +231,7 @@ def fmt(value, digits: int = 2) -> str:
 
 def table(rows: list[dict], dense: dict) -> str:
     """One line per run; ours beside llm-compressor's as ratios (perplexity on WikiText-2, seconds)."""
-    peers = {(r["method"], r["target"]): r for r in rows if r["toolkit"] == "llmcompressor"}
+    peers = {id(ours): theirs for ours, theirs in pairs(rows)}
     head = "| toolkit | method | target | measured | WikiText-2 | PTB | C4 | zero-shot acc | prune s | x floor |"
     lines = [head + " peak RSS MB | ppl ours/theirs | s ours/theirs |", "|" + "---|" * 13]
     ppl = dense["perplexity"]
@@ -237,7 +240,7 @@ def table(rows: list[dict], dense: dict) -> str:
         f"{fmt(dense.get('zeroshot_acc'), 4)} |" + " | | | | |"
     )
     for r in rows:
-        p, theirs = r["perplexity"], peers.get((r["method"], r["target"])) if r["toolkit"] == "sparsellm" else None
+        p, theirs = r["perplexity"], peers.get(id(r))
         ratio_ppl = p["wikitext2"] / theirs["perplexity"]["wikitext2"] if theirs else None
         ratio_s = r["prune_s"] / theirs["prune_s"] if theirs else None
         lines.append(
@@ -287,15 +290,11 @@ def plots(rows: list[dict], out: Path) -> None:
             shutil.copy(curves, out / f"sparsellm_rounds-{r['target']}.png")
 
 
-def pairs(rows: list[dict]) -> dict[tuple[str, str], list[tuple[dict, dict]]]:
-    """(method, target) -> [(our run, llm-compressor's run) for each seed both toolkits ran], in seed order."""
+def pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(our run, llm-compressor's run of the same method, target and seed), for each of ours that has one."""
     theirs = {(r["method"], r["target"], r["seed"]): r for r in rows if r["toolkit"] == "llmcompressor"}
-    out: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
-    for r in rows:
-        peer_run = theirs.get((r["method"], r["target"], r["seed"])) if r["toolkit"] == "sparsellm" else None
-        if peer_run:
-            out.setdefault((r["method"], r["target"]), []).append((r, peer_run))
-    return out
+    keyed = ((r, (r["method"], r["target"], r["seed"])) for r in rows if r["toolkit"] == "sparsellm")
+    return [(r, theirs[key]) for r, key in keyed if key in theirs]
 
 
 def geometric_mean(values: list[float]) -> float:
@@ -310,7 +309,10 @@ def over_seeds(rows: list[dict]) -> str:
         "| method | target | ppl ours/theirs, each seed | geometric mean | ours lower | s ours/theirs (geo. mean) |",
         "|---|---|---|---|---|---|",
     ]
-    for (method, target), runs in pairs(rows).items():
+    by_setting: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
+    for ours, theirs in pairs(rows):
+        by_setting.setdefault((ours["method"], ours["target"]), []).append((ours, theirs))
+    for (method, target), runs in by_setting.items():
         ppl = [a["perplexity"]["wikitext2"] / b["perplexity"]["wikitext2"] for a, b in runs]
         sec = [a["prune_s"] / b["prune_s"] for a, b in runs]
         lines.append(
@@ -322,12 +324,12 @@ def over_seeds(rows: list[dict]) -> str:
 
 def grid(args, out: Path, seed: int, calib: Path, calib_sha: str, use_peer: bool) -> list[dict]:
     """Every method at every target on one seed's calibration tokens, ours and (if installed) llm-compressor's."""
-    rows = []
+    rows, methods = [], args.methods.split(",")
     for target in args.sparsities.split(","):
-        for method in args.methods.split(","):
+        for method in methods:
             print(f"bench: seed {seed}: sparsellm {method} {target}", file=sys.stderr)
             rows.append(ours(args, out, seed, method, target, calib_sha))
-        for method in (m for m in PEER_METHODS if use_peer and m in args.methods.split(",")):
+        for method in (m for m in PEER_METHODS if use_peer and m in methods):
             print(f"bench: seed {seed}: llm-compressor {method} {target}", file=sys.stderr)
             rows.append(peer(args, out, seed, method, target, calib))
     plots(rows, out)
@@ -346,12 +348,11 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     # One seed writes straight into OUT (as before seeds were a list); several, each into OUT/seed-K.
     folders = {k: args.out if len(args.seeds) == 1 else args.out / f"seed-{k}" for k in args.seeds}
-    dense = None
+    calib = calibrations(args.model, args.protocol, folders)
+    dense = dense_and_floor(args, calib[args.seeds[0]][0])  # neither depends on the seed: measured once
     rows = []
     for k in args.seeds:
-        calib, calib_sha = calibration(args.model, args.protocol, k, folders[k])
-        dense = dense or dense_and_floor(args, calib)  # neither depends on the seed: measured once
-        rows += grid(args, folders[k], k, calib, calib_sha, use_peer)
+        rows += grid(args, folders[k], k, *calib[k], use_peer)
     result = {
         "started": started,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",

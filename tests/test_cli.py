@@ -189,8 +189,10 @@ def test_bench_ratios_over_seeds_pair_each_seed_with_its_own_peer_run():
         run("llmcompressor", "sparsegpt", 1, 100.0, 50.0),
     ]
     paired = bench.pairs(rows)
-    assert list(paired) == [("sparsegpt", "3:4")]
-    assert [(ours["seed"], theirs["seed"]) for ours, theirs in paired[("sparsegpt", "3:4")]] == [(0, 0), (1, 1)]
+    assert [(ours["method"], ours["seed"], theirs["seed"]) for ours, theirs in paired] == [
+        ("sparsegpt", 0, 0),
+        ("sparsegpt", 1, 1),
+    ]
     row = bench.over_seeds(rows).splitlines()[-1]
     # ratios 1.1 and 0.8: geometric mean sqrt(0.88) = 0.938; seconds 0.5 and 0.4: sqrt(0.2) = 0.447
     assert row == "| sparsegpt | 3:4 | 1.100, 0.800 | **0.938** | 1 of 2 | 0.45 |"
