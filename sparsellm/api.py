@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .data import texts
-from .engine import CHECKPOINT_EVERY, parallel
+from .engine import CHECKPOINT_EVERY, parallel, precision
 from .engine.checkpoint import Checkpoint
 from .engine.layers import LayerIO
 from .engine.sequential import EngineOptions, prune_model
@@ -102,6 +102,7 @@ class PruneConfig:
     method_options: dict = field(default_factory=dict)  # e.g. SparseLLM's rounds, alpha, beta, gamma
     max_memory: int | None = None  # bytes of RAM for layer inputs/outputs (default: half the RAM); beyond: disk
     offload_dir: str | None = None  # where offloaded activations go (default: the temporary folder)
+    precision: str = "auto"  # matrix products: bf16 (fp32 sums and solves) where the hardware has it, else fp32
 
     def target(self) -> Target:
         if (self.sparsity is None) == (self.nm is None):
@@ -124,6 +125,7 @@ class Report:
     hardening: dict = field(default_factory=dict)  # their counts: damping raised, fp64 used
     peak_rss_mb: float = 0.0
     versions: dict = field(default_factory=dict)
+    precision: dict = field(default_factory=dict)  # which arithmetic ran and why (engine/precision.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -250,13 +252,15 @@ def prune(
         dense_attention_mlp_input=config.dense_attention_mlp_input,
         offload_dir=Path(activations["offload_dir"]) if activations["offload_dir"] else None,
     )
+    chosen = precision.resolve(config.precision, next(p for p in model.parameters() if not p.is_meta).device)
     calib_sha = tensor_sha256(calib.to(torch.int64))
     checkpoint = None
     if checkpoint_dir is not None:
-        run = {**asdict(config), "seqlen": seqlen, "nsamples": nsamples, "layers": layer_ids}
+        run = {**asdict(config), "seqlen": seqlen, "nsamples": nsamples, "layers": layer_ids, "precision": chosen.name}
         checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model, run, calib_sha), checkpoint_every)
     resumed = checkpoint is not None and checkpoint.exists()
-    logs = prune_model(model, adapter, method, target, local, set(layer_ids), opts, progress, checkpoint, tally)
+    with precision.using(chosen):
+        logs = prune_model(model, adapter, method, target, local, set(layer_ids), opts, progress, checkpoint, tally)
     if not streamed:
         tally.after = model_zeros(model, adapter, layer_ids)
     t_prune = time.perf_counter()
@@ -294,6 +298,7 @@ def prune(
         },
         peak_rss_mb=peak_rss_mb(),
         versions=versions(),
+        precision=chosen.as_dict(),
     )
 
 
@@ -364,12 +369,15 @@ def evaluate(
     seqlen: int | None = None,
     progress: bool = True,
     io: LayerIO | None = None,
+    precision_name: str = "auto",
 ) -> tuple[dict[str, float], dict]:
-    """Perplexity per dataset under a protocol, and the data used (source, sha256, windows).
+    """Perplexity per dataset under a protocol, and the data used (source, sha256, windows, precision).
 
-    With `io` (models.streaming), the decoder layers are loaded one at a time.
+    With `io` (models.streaming), the decoder layers are loaded one at a time. The forward passes run in
+    `precision_name` (auto, bf16 or fp32; engine/precision.py).
     """
     adapter = adapter_for(model)
+    chosen = precision.resolve(precision_name, next(p for p in model.parameters() if not p.is_meta).device)
     proto = protocol(protocol_name)
     seqlen = seqlen_for(model, proto, seqlen)
     check_datasets(datasets)
@@ -378,6 +386,8 @@ def evaluate(
         corpus = texts.corpus(name, "test", online=texts.default_online())
         windows = texts.eval_windows(tokenizer, corpus, seqlen, proto.max_windows)
         local = windows[parallel.shard(windows.shape[0])]  # data parallel: this rank's windows
-        results[name] = perplexity(model, adapter, local, progress=progress, io=io)
-        data[name] = {"source": corpus.source, "sha256": corpus.sha256, "windows": windows.shape[0], "seqlen": seqlen}
+        with precision.using(chosen):
+            results[name] = perplexity(model, adapter, local, progress=progress, io=io)
+        data[name] = {"source": corpus.source, "sha256": corpus.sha256, "windows": windows.shape[0], "seqlen": seqlen,
+                      "precision": chosen.as_dict()}  # fmt: skip
     return results, data

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .engine import CHECKPOINT_EVERY
+from .engine import CHECKPOINT_EVERY, precision
 from .errors import UserError, require_free_space
 
 EXIT_USAGE = 2
@@ -29,7 +29,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (statistics are fp32 on any device)")
-    p.add_argument("--dtype", default="float32", help="weights and activations: float32, bfloat16 or float16")
+    p.add_argument("--dtype", default="float32", help="weights as loaded and saved: float32, bfloat16 or float16")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="matrix products: bf16 (sums, solves and weights stay fp32), fp32, or auto (default): bf16 where the "
+        "hardware has bf16 products (CPU flags amx_bf16/avx512_bf16, a GPU with bf16), fp32 elsewhere",
+    )
     p.add_argument(
         "--stream",
         action="store_true",
@@ -197,8 +203,9 @@ def _zeroshot(args, model, tokenizer) -> tuple[dict, dict]:
 
     tasks = zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
     results, provenance = zeroshot.evaluate_zeroshot(
-        model, tokenizer, tasks, args.limit, online=default_online(), hellaswag_file=args.hellaswag_file
-    )
+        model, tokenizer, tasks, args.limit, online=default_online(), hellaswag_file=args.hellaswag_file,
+        precision_name=args.precision,
+    )  # fmt: skip
     return zeroshot.summary(results, args.limit), provenance
 
 
@@ -278,9 +285,11 @@ def _prune_config(args):
         method_options=_method_options(args),
         max_memory=_bytes(args.max_memory) if args.max_memory else None,
         offload_dir=args.offload_dir,
+        precision=args.precision,
     )
     config.target()  # validate before the slow load
     api.protocol(args.protocol)
+    precision.check(args.precision)
     api.check_datasets(_datasets(args.eval))
     zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
     return config
@@ -320,7 +329,7 @@ def _prune_in_memory(args, config, out: Path, checkpoint_dir: Path | None) -> di
     if args.eval:
         t1 = time.perf_counter()
         report.perplexity, report.data["evaluation"] = api.evaluate(
-            model, tokenizer, _datasets(args.eval), args.protocol, args.seqlen
+            model, tokenizer, _datasets(args.eval), args.protocol, args.seqlen, precision_name=args.precision
         )
         report.timing["eval_s"] = time.perf_counter() - t1
     if args.tasks:
@@ -363,7 +372,7 @@ def _prune_streamed(args, config, out: Path) -> dict:
             pruned, pruned_weights = streaming.load_streamed(tmp, model.dtype, next(model.parameters()).device)
             report.perplexity, report.data["evaluation"] = api.evaluate(
                 pruned, tokenizer, _datasets(args.eval), args.protocol, args.seqlen,
-                io=streaming.StreamedLayers(pruned, adapter_for(pruned), pruned_weights),
+                io=streaming.StreamedLayers(pruned, adapter_for(pruned), pruned_weights), precision_name=args.precision,
             )  # fmt: skip
             report.timing["eval_s"] = time.perf_counter() - t1
         report.peak_rss_mb = api.peak_rss_mb()
@@ -414,6 +423,7 @@ def cmd_eval(args) -> int:
     if not datasets and not args.tasks:
         raise UserError("nothing to evaluate: give --datasets and/or --tasks")
     api.protocol(args.protocol)
+    precision.check(args.precision)
     api.check_datasets(datasets)
     zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
     io = None
@@ -430,7 +440,7 @@ def cmd_eval(args) -> int:
     result = {"model": args.model, "protocol": args.protocol, "perplexity": {}, "zeroshot": {}, "data": {}}
     if datasets:
         result["perplexity"], result["data"]["evaluation"] = api.evaluate(
-            model, tokenizer, datasets, args.protocol, args.seqlen, io=io
+            model, tokenizer, datasets, args.protocol, args.seqlen, io=io, precision_name=args.precision
         )
     if args.tasks:
         result["zeroshot"], result["data"]["zeroshot"] = _zeroshot(args, model, tokenizer)

@@ -85,6 +85,7 @@ BAD = {
     "empty calibration file": (["--sparsity", "0.5", "--calib", "{tmp}/empty.txt"], "data file is empty"),
     "binary calibration file": (["--sparsity", "0.5", "--calib", "{tmp}/binary.txt"], "is not UTF-8 text"),
     "unknown zero-shot task": (["--sparsity", "0.5", "--tasks", "mmlu"], "unknown zero-shot task 'mmlu'"),
+    "unknown precision": (["--sparsity", "0.5", "--precision", "fp16"], "unknown --precision 'fp16'"),
     "zero-shot limit 0": (["--sparsity", "0.5", "--tasks", "rte", "--limit", "0"], "--limit must be at least 1"),
     "missing hellaswag file": (
         ["--sparsity", "0.5", "--tasks", "hellaswag", "--hellaswag-file", "{tmp}/none.jsonl"],

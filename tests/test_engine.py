@@ -88,17 +88,17 @@ def test_true_sequential_differs_and_reconstructs_no_worse():
 
 
 @pytest.mark.parametrize("width", [24, 576, 1000])
-def test_xtx_is_the_gram_matrix_and_exactly_symmetric(width):
+def test_gram_is_the_gram_matrix_and_exactly_symmetric(width):
     """The Hessian product: upper blocks multiplied, the lower ones mirrored; widths below, at and across the
     384-column block size. Also summed over chunks of rows, mirrored once at the end."""
-    from sparsellm.engine.stats import add_xtx_upper, mirror_upper, xtx
+    from sparsellm.engine.stats import add_gram_upper, gram, mirror_upper
 
     a = torch.randn(300, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64).float()
     reference = a.double().T @ a.double()
     summed = torch.zeros(width, width)
     for rows in a.split(70):  # the same sum accumulated over chunks of rows (the last one shorter)
-        add_xtx_upper(summed, rows)
-    for h in (xtx(a), mirror_upper(summed)):
+        add_gram_upper(summed, rows)
+    for h in (gram(a), mirror_upper(summed)):
         assert torch.equal(h, h.T)
         assert (h.double() - reference).abs().max() < 1e-5 * reference.abs().max()
 

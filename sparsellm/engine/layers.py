@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..models.adapters import Adapter
+from . import precision
 
 
 class LayerIO:
@@ -125,7 +126,7 @@ def capture(
     try:
         starts = [0, *range(1, tokens.shape[0], batch_size)]
         for start, end in zip(starts, [*starts[1:], tokens.shape[0]], strict=False):
-            with contextlib.suppress(StopForward):
+            with contextlib.suppress(StopForward), precision.forward(device):
                 model(input_ids=tokens[start:end].to(device), use_cache=False)
     finally:
         for i, layer in enumerate(originals):
@@ -134,7 +135,9 @@ def capture(
 
 
 def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
+    """The layer's output hidden states, its matrix products in the current precision."""
+    with precision.forward(hidden.device):
+        out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -1,6 +1,8 @@
-"""Input statistics of linears, accumulated by forward hooks over token chunks.
+"""Input statistics of linears, accumulated by forward hooks over token chunks, and the products they are made of.
 
-Statistics are plain fp32 sums plus a token count, so they add across chunks (and across processes).
+Statistics are plain fp32 sums plus a token count, so they add across chunks (and across processes). Their
+matrix products run in the current precision (engine/precision.py): under bf16, bf16 copies of each chunk of
+CHUNK_ROWS tokens are multiplied and the chunk's product added into the fp32 sum.
 """
 
 from __future__ import annotations
@@ -10,7 +12,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import parallel
+from . import parallel, precision
+
+CHUNK_ROWS = 1024  # tokens per bf16 product: each chunk's product is rounded once, the chunks' sum is fp32
+
+
+def _row_chunks(*tensors: torch.Tensor):
+    """The tensors' rows in chunks of CHUNK_ROWS under bf16, whole under fp32 (one product, no rounding to spread)."""
+    size = CHUNK_ROWS if precision.current().name == "bf16" else max(tensors[0].shape[0], 1)
+    return zip(*(t.split(size) for t in tensors), strict=True)
 
 
 def _blocks(k: int, block: int):
@@ -18,21 +28,16 @@ def _blocks(k: int, block: int):
         yield i, min(i + block, k)
 
 
-def xtx(a: torch.Tensor, block: int = 384) -> torch.Tensor:
-    """A^T A for A [N, k], exactly symmetric: only the blocks on and above the diagonal are multiplied, the
-    rest mirrored (~2/3 of a full product's work at k = 1536, ~4/5 at 576)."""
-    k = a.shape[1]
-    out = torch.empty(k, k, dtype=a.dtype, device=a.device)
-    for i, j in _blocks(k, block):
-        out[i:j, i:] = a[:, i:j].T @ a[:, i:]
-    return mirror_upper(out, block)
-
-
-def add_xtx_upper(acc: torch.Tensor, a: torch.Tensor, block: int = 384) -> None:
-    """acc += A^T A on and above the diagonal blocks only, for sums over many chunks of rows: `mirror_upper`
-    completes the sum once (mirroring every chunk's product made a 16-chunk sum ~15% slower than one product)."""
-    for i, j in _blocks(a.shape[1], block):
-        acc[i:j, i:].addmm_(a[:, i:j].T, a[:, i:])
+def add_gram_upper(acc: torch.Tensor, a: torch.Tensor, block: int = 384) -> None:
+    """acc += A^T A (acc fp32, A [N, k]) on and above the diagonal blocks only (~2/3 of a full product's work at
+    k = 1536): `mirror_upper` completes a sum of many chunks once."""
+    for (rows,) in _row_chunks(a):
+        chunk = precision.low(rows)
+        for i, j in _blocks(a.shape[1], block):
+            if chunk.dtype == acc.dtype:
+                acc[i:j, i:].addmm_(chunk[:, i:j].T, chunk[:, i:])
+            else:
+                acc[i:j, i:] += chunk[:, i:j].T @ chunk[:, i:]
 
 
 def mirror_upper(out: torch.Tensor, block: int = 384) -> torch.Tensor:
@@ -40,6 +45,38 @@ def mirror_upper(out: torch.Tensor, block: int = 384) -> torch.Tensor:
     for i, j in _blocks(out.shape[0], block):
         out[j:, i:j] = out[i:j, j:].T
     return out
+
+
+def gram(a: torch.Tensor) -> torch.Tensor:
+    """A^T A in fp32 for A [N, k], exactly symmetric."""
+    acc = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float32, device=a.device)
+    add_gram_upper(acc, a)
+    return mirror_upper(acc)
+
+
+def add_cross(acc: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """acc += T^T A (acc fp32 [m, k]; T [N, m], A [N, k]); returns acc."""
+    for t_rows, a_rows in _row_chunks(t, a):
+        t_low, a_low = precision.low(t_rows), precision.low(a_rows)
+        if t_low.dtype == acc.dtype:
+            acc.addmm_(t_low.T, a_low)
+        else:
+            acc += t_low.T @ a_low
+    return acc
+
+
+def cross(t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """T^T A in fp32."""
+    return add_cross(torch.zeros(t.shape[1], a.shape[1], dtype=torch.float32, device=a.device), t, a)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ bias) in fp32, the product in the current precision (under bf16 each entry rounded once)."""
+    x_low, w_low = precision.low(x), precision.low(w)
+    out = x_low @ w_low.T
+    if out.dtype != torch.float32:
+        out = out.float()
+    return out if bias is None else out.add_(bias)
 
 
 class InputStats:
@@ -51,15 +88,22 @@ class InputStats:
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        part = xtx(x) if self.kind == "hessian" else (x * x).sum(0)
-        self.sum = part if self.sum is None else self.sum.add_(part)
+        x = x.reshape(-1, x.shape[-1])
+        if self.sum is None:
+            k = x.shape[1]
+            self.sum = torch.zeros((k, k) if self.kind == "hessian" else (k,), dtype=torch.float32, device=x.device)
+        if self.kind == "hessian":
+            add_gram_upper(self.sum, x)
+        else:
+            x = x.float()
+            self.sum += (x * x).sum(0)
         self.tokens += x.shape[0]
 
     def mean(self) -> torch.Tensor:
         """X^T X / N (or the per-column mean square), over the tokens of every rank."""
         (tokens,) = parallel.all_sum_floats(self.tokens)
-        return parallel.all_sum(self.sum) / tokens
+        total = mirror_upper(self.sum.clone()) if self.kind == "hessian" else self.sum
+        return parallel.all_sum(total) / tokens
 
 
 @contextmanager

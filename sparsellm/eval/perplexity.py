@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine import parallel
+from ..engine import parallel, precision
 from ..engine.layers import LayerIO, capture, run_layer
 from ..models.adapters import Adapter
 
@@ -40,7 +40,8 @@ def window_nll(
     for j in range(windows.shape[0]):
         for start in range(0, predicted, LOGIT_ROWS):
             sl = slice(start, min(start + LOGIT_ROWS, predicted))
-            logits = adapter.logits(model, x[j : j + 1, sl])[0].float()
+            with precision.forward(x.device):
+                logits = adapter.logits(model, x[j : j + 1, sl])[0].float()
             total += nn.functional.cross_entropy(logits, targets[j, sl], reduction="sum").item()
     return total, windows.shape[0] * predicted
 

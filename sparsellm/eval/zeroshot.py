@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data import texts
 from ..data import zeroshot as data
-from ..engine import parallel
+from ..engine import parallel, precision
 from ..errors import UserError
 
 METRICS = ("acc", "acc_norm", "perplexity")
@@ -106,28 +106,33 @@ def evaluate_zeroshot(
     online: bool = False,
     hellaswag_file: Path | None = None,
     log_samples: bool = False,
+    precision_name: str = "auto",
 ) -> tuple[dict[str, dict], dict]:
     """({task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}, provenance); `limit`: first N items per task.
 
-    With `log_samples`, each task's entry also holds lm-eval's per-item records under "samples".
+    With `log_samples`, each task's entry also holds lm-eval's per-item records under "samples". The model runs
+    in `precision_name` (auto, bf16 or fp32; engine/precision.py), recorded in each task's provenance.
     """
     lm_eval, HFLM, _, _ = _lm_eval()
     specs, provenance = _task_specs(tasks, online, hellaswag_file, limit)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task chatter drowns the table
     device = next(model.parameters()).device
+    chosen = precision.resolve(precision_name, device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), add_bos_token=False)
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=specs,
-        limit=limit,
-        log_samples=log_samples,
-        bootstrap_iters=1000,
-        verbosity="ERROR",
-        task_manager=_task_manager(),
-    )
+    with precision.using(chosen), precision.forward(device):
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=specs,
+            limit=limit,
+            log_samples=log_samples,
+            bootstrap_iters=1000,
+            verbosity="ERROR",
+            task_manager=_task_manager(),
+        )
     results = {}
     for name in tasks:
         results[name] = {**_metrics(out["results"][name]), "n": int(out["n-samples"][name]["effective"])}
+        provenance[name]["precision"] = chosen.as_dict()
         if log_samples:
             results[name]["samples"] = out["samples"][name]
     return results, provenance

@@ -32,11 +32,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..engine import parallel
+from ..engine import parallel, stats
 from ..engine.fused import fused
-from ..engine.stats import add_xtx_upper, mirror_upper, xtx
 from ..models.adapters import MLP
 from .activations import Activation, activation
 from .base import Target
@@ -59,7 +57,7 @@ def _chunks(n: int, size: int = CHUNK):
 
 def gram(a: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """A^T A / n, summed over the ranks' rows (n: their total count), exactly symmetric."""
-    return parallel.all_sum(xtx(a)).div_(n or a.shape[0])
+    return parallel.all_sum(stats.gram(a)).div_(n or a.shape[0])
 
 
 def sum_sq(t: torch.Tensor) -> float:
@@ -73,7 +71,7 @@ def sum_sq(t: torch.Tensor) -> float:
 
 def cross(target: torch.Tensor, inputs: torch.Tensor, n: int) -> torch.Tensor:
     """T^T A / n, summed over the ranks' rows (n: their total count)."""
-    return parallel.all_sum(target.T @ inputs) / n
+    return parallel.all_sum(stats.cross(target, inputs)) / n
 
 
 def least_squares(t_a: torch.Tensor, hessian: torch.Tensor, U: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
@@ -107,13 +105,13 @@ class PStats:
 
     def add(self, p: torch.Tensor, r0: torch.Tensor | None) -> None:
         """Add a chunk of tokens: their rows of P and of R0 (None: zero, P W0^T is exactly Y - b2)."""
-        add_xtx_upper(self.gram, p)  # completed by `reduce`
+        stats.add_gram_upper(self.gram, p)  # completed by `reduce`
         if r0 is not None:
-            self.a.addmm_(r0.T, p)
+            stats.add_cross(self.a, r0, p)
             self.r0_sq += sum_sq(r0)
 
     def reduce(self) -> PStats:
-        self.gram, self.a = parallel.all_sum(mirror_upper(self.gram)), parallel.all_sum(self.a)
+        self.gram, self.a = parallel.all_sum(stats.mirror_upper(self.gram)), parallel.all_sum(self.a)
         (self.r0_sq,) = parallel.all_sum_floats(self.r0_sq)
         return self
 
@@ -212,13 +210,13 @@ class _Solver:
         (tokens,) = parallel.all_sum_floats(x.shape[0])
         self.n = int(tokens)  # over all ranks: every sum below is all-reduced
         with torch.no_grad():
-            self.z = F.linear(x, self.dense["up"], self.b1)
-            self.s = x @ self.dense["gate"].T if self.gated else None
+            self.z = stats.linear(x, self.dense["up"], self.b1)
+            self.s = stats.linear(x, self.dense["gate"]) if self.gated else None
             self.y_target = x.new_empty(x.shape[0], mlp.down.out_features)  # Y - b2: what P Wd^T must reproduce
             self.p_stats = PStats(self.dense["down"])  # of P = h(Z, S) until the first p-step
             for sl in _chunks(x.shape[0]):
                 p = _hidden(self.z[sl], self._s(sl), self.act)
-                torch.mm(p, self.dense["down"].T, out=self.y_target[sl])
+                self.y_target[sl] = stats.linear(p, self.dense["down"])
                 self.p_stats.add(p, None)
         self.p_stats.reduce()
         self.hx = gram(x, self.n)
@@ -290,10 +288,10 @@ class _Solver:
         err = token_err = obj = gap = 0.0
         for sl in _chunks(self.x.shape[0]):
             x, y = self.x[sl], self.y_target[sl]
-            m, n = F.linear(x, wu, self.b1), x @ wg.T if self.gated else None
+            m, n = stats.linear(x, wu, self.b1), stats.linear(x, wg) if self.gated else None
             h, z_gap, s_gap = _hidden_and_gaps(m, n, self.z[sl], self._s(sl), self.act)
             obj += self.a_z * z_gap.item() + self.a_s * s_gap.item()
-            out = h @ wd.T
+            out = stats.linear(h, wd)
             per_token = (y - out).pow_(2).sum(1)
             err += per_token.sum().item()
             token_err += (per_token / self.y_token_sq[sl]).sum().item()
@@ -336,9 +334,9 @@ class _Solver:
         (b Wd^T Wd + g I)^-1: no f x f factorisation). What remains, Y - b2 - P Wd^T = R (I - L Wd^T) = R K.
         """
         h = _hidden(self.z[sl], self._s(sl), self.act)
-        residual = torch.addmm(self.y_target[sl], h, wd.T, alpha=-1.0)
-        p = torch.addmm(h, residual, lift)
-        p_stats.add(p, residual @ remainder)
+        residual = self.y_target[sl] - stats.linear(h, wd)
+        p = h + stats.linear(residual, lift.T)
+        p_stats.add(p, stats.linear(residual, remainder.T))
         gap = 0.0
         for i in _chunks(m.shape[0], ELEMENTWISE_CHUNK):  # in cache-sized pieces: these steps are memory-bound
             rows = slice(sl.start + i.start, sl.start + i.stop)
@@ -377,7 +375,8 @@ class _Solver:
                 kept = {k: lin.weight.data.clone() for k, lin in self._linears().items()}
         for k, lin in self._linears().items():
             lin.weight.data.copy_(kept[k])
-        # Only the last round's outputs are stored, and only an fp32 MLP computes them as the solver did (fp32).
+        # Only the last round's outputs are stored, and only an fp32 MLP computes them as the solver did (its
+        # products in the current precision, as the layer's forward pass under it).
         replayable = best + 1 == self.m.rounds and self.mlp.up.weight.dtype == torch.float32
         return {
             "outputs": self._outputs() if replayable else None,
