@@ -7,7 +7,7 @@ Each run is a fresh `sparsellm prune ... --precision P --eval wikitext2` process
 P), the two precisions of one setting back to back on the same calibration seed. Prints a Markdown table of the
 runs and, per setting, bf16/fp32 of the prune time, of the evaluation time and of WikiText-2 perplexity, each
 as its geometric mean over the seeds (at 70% one run's perplexity moves by several percent with its arithmetic
-alone). `--write` replaces this bench's section of BENCHMARKS.md in place.
+alone). `--write` replaces this bench's section of BENCHMARKS.md (one per model, methods and targets) in place.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import time
 from pathlib import Path
 
 from run import ROOT, geometric_mean, seed_list, sh, target_args
-
-MARK = "<!-- bench/precision.py -->"
-END = "<!-- end bench/precision.py -->"
 
 
 def machine() -> str:
@@ -81,13 +78,14 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace this bench's section of BENCHMARKS.md (between its markers), or add it at the end."""
+def write_section(text: str, key: str) -> None:
+    """Replace this bench's section for `key` in BENCHMARKS.md (between its markers), or add it at the end."""
     path = ROOT / "BENCHMARKS.md"
     doc = path.read_text()
-    section = f"{MARK}\n{text}\n{END}"
-    if MARK in doc and END in doc:
-        doc = doc[: doc.index(MARK)] + section + doc[doc.index(END) + len(END) :]
+    mark, end = f"<!-- bench/precision.py {key} -->", f"<!-- end bench/precision.py {key} -->"
+    section = f"{mark}\n{text}\n{end}"
+    if mark in doc and end in doc:
+        doc = doc[: doc.index(mark)] + section + doc[doc.index(end) + len(end) :]
     else:
         doc = doc.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(doc)
@@ -120,7 +118,7 @@ def main() -> None:
     (args.out / "precision.md").write_text(text)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(text, f"{args.model} {args.methods} {args.targets}")
 
 
 if __name__ == "__main__":

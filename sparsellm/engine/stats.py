@@ -1,8 +1,8 @@
 """Input statistics of linears, accumulated by forward hooks over token chunks, and the products they are made of.
 
-Statistics are plain fp32 sums plus a token count, so they add across chunks (and across processes). Their
-matrix products run in the current precision (engine/precision.py): under bf16, bf16 copies of each chunk of
-CHUNK_ROWS tokens are multiplied and the chunk's product added into the fp32 sum.
+Statistics are plain fp32 sums plus a token count, so they add across chunks (and across processes). Grams
+(Hessians) are fp32 products; cross products and linears run in the current precision (engine/precision.py):
+under bf16, bf16 copies of each chunk of CHUNK_ROWS tokens are multiplied and the chunk's product added in fp32.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 from . import parallel, precision
 
-CHUNK_ROWS = 1024  # tokens per bf16 product: each chunk's product is rounded once, the chunks' sum is fp32
+CHUNK_ROWS = 1024  # tokens per bf16 cross product: each chunk's product is rounded once, their sum is fp32
 
 
 def _row_chunks(*tensors: torch.Tensor):
@@ -30,14 +30,15 @@ def _blocks(k: int, block: int):
 
 def add_gram_upper(acc: torch.Tensor, a: torch.Tensor, block: int = 384) -> None:
     """acc += A^T A (acc fp32, A [N, k]) on and above the diagonal blocks only (~2/3 of a full product's work at
-    k = 1536): `mirror_upper` completes a sum of many chunks once."""
-    for (rows,) in _row_chunks(a):
-        chunk = precision.low(rows)
-        for i, j in _blocks(a.shape[1], block):
-            if chunk.dtype == acc.dtype:
-                acc[i:j, i:].addmm_(chunk[:, i:j].T, chunk[:, i:])
-            else:
-                acc[i:j, i:] += chunk[:, i:j].T @ chunk[:, i:]
+    k = 1536): `mirror_upper` completes a sum of many chunks once.
+
+    Always fp32 products, whatever the precision: a bf16 product is rounded entrywise, and on SmolLM2 those
+    roundings made o_proj's Hessians indefinite (Cholesky failed at SparseGPT's 1% damping in 5 of 30 layers),
+    where the fp32 Gram of the same (bf16) inputs is positive semi-definite by construction.
+    """
+    a = a.float()
+    for i, j in _blocks(a.shape[1], block):
+        acc[i:j, i:].addmm_(a[:, i:j].T, a[:, i:])
 
 
 def mirror_upper(out: torch.Tensor, block: int = 384) -> torch.Tensor:
