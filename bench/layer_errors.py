@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import sparsellm
-from sparsellm.engine.layers import capture, run_layer
 from sparsellm.models.adapters import adapter_for
+from sparsellm.models.layers import capture, run_layer
 
 
 def layer_errors(dense_layers, model, adapter, tokens: torch.Tensor) -> list[float]:

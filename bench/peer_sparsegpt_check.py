@@ -29,9 +29,9 @@ def problems(layers: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     import sparsellm
     from sparsellm.api import protocol, seqlen_for
     from sparsellm.data import texts
-    from sparsellm.engine.layers import capture, run_layer
     from sparsellm.engine.stats import recording
     from sparsellm.models.adapters import adapter_for
+    from sparsellm.models.layers import capture, run_layer
 
     model, tok = sparsellm.load("smollm2-135m")
     adapter, proto = adapter_for(model), protocol("quick")

@@ -24,7 +24,7 @@ from run import ROOT, geometric_mean, seed_list, sh, target_args
 
 def machine() -> str:
     """The CPU model and its bf16 flags, as lscpu gives them (bf16 speed differs by CPU, so every table says)."""
-    from sparsellm.engine.precision import CPU_BF16_FLAGS, cpu_flags
+    from sparsellm.core.precision import CPU_BF16_FLAGS, cpu_flags
 
     lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
     model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), "unknown CPU")

@@ -199,8 +199,8 @@ def dense_and_floor(args, calib: Path) -> dict:
     """Dense perplexity, and the floor: two forward passes of the calibration set through the dense decoder."""
     code = (
         "import json, sys, time, torch, sparsellm\n"
-        "from sparsellm.engine.allocator import keep_freed_memory\n"
-        "from sparsellm.engine.layers import capture, run_layer\n"
+        "from sparsellm.core.memory import keep_freed_memory\n"
+        "from sparsellm.models.layers import capture, run_layer\n"
         "from sparsellm.models.adapters import adapter_for\n"
         "keep_freed_memory()  # as the CLI runs our methods: the floor is the fastest two passes\n"
         "model, _ = sparsellm.load(sys.argv[1]); adapter = adapter_for(model)\n"
@@ -390,7 +390,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from sparsellm.errors import UserError
+    from sparsellm.core.errors import UserError
 
     try:
         main()

@@ -19,10 +19,10 @@ import torch
 import sparsellm
 from sparsellm.api import parse_nm
 from sparsellm.data import texts
-from sparsellm.engine.layers import capture, run_layer
-from sparsellm.engine.sequential import EngineOptions, mlp_inputs
+from sparsellm.engine.joint_mlp import mlp_inputs
 from sparsellm.methods import Target, make_method
 from sparsellm.models.adapters import adapter_for
+from sparsellm.models.layers import capture, run_layer
 
 
 def mlp_inputs_at(model, adapter, tokens, layer_index):
@@ -31,7 +31,7 @@ def mlp_inputs_at(model, adapter, tokens, layer_index):
     for i in range(layer_index):
         x = run_layer(adapter.decoder_layers(model)[i], x, inputs.kwargs[i], 8)
     layer = adapter.decoder_layers(model)[layer_index]
-    return mlp_inputs(layer, adapter, x, inputs.kwargs[layer_index], EngineOptions())[0]
+    return mlp_inputs(layer, adapter, x, inputs.kwargs[layer_index], 8)[0]
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
     for options in ast.literal_eval(args.configs):
         mlp = adapter.mlp(copy.deepcopy(layer))
         t0 = time.perf_counter()
-        log = make_method("sparsellm", **options).prune_mlp(mlp, x_fit, target)
+        log = make_method("sparsellm", **options).prune_mlp(mlp, x_fit, target).rounds
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             held = ((mlp(x_held) - y_held) ** 2).sum().item() / (y_held**2).sum().item()

@@ -1,11 +1,10 @@
 """sparsellm: one-shot pruning of causal language models (SparseLLM, SparseGPT, Wanda, magnitude)."""
 
-__version__ = "0.1.0"
-
-from .api import PROTOCOLS, PruneConfig, Report, evaluate, prune  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .models.loading import load  # noqa: E402
+from .api import PROTOCOLS, PruneConfig, Report, evaluate, prune
+from .core import __version__
+from .core.errors import UserError
+from .models.loading import load
 
 perplexity = evaluate
 
-__all__ = ["PROTOCOLS", "PruneConfig", "Report", "UserError", "evaluate", "load", "perplexity", "prune"]
+__all__ = ["PROTOCOLS", "PruneConfig", "Report", "UserError", "__version__", "evaluate", "load", "perplexity", "prune"]

@@ -15,14 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .core import parallel, precision
+from .core.errors import UserError, require_free_space
+from .core.types import LayerIO
 from .data import texts
-from .engine import CHECKPOINT_EVERY, parallel, precision
+from .engine import CHECKPOINT_EVERY
 from .engine.checkpoint import Checkpoint
-from .engine.layers import LayerIO
 from .engine.sequential import EngineOptions, prune_model
-from .errors import UserError, require_free_space
 from .eval.perplexity import perplexity
 from .methods import Target, make_method
+from .methods.base import EVENT_KINDS
 from .models.adapters import Adapter, adapter_for, context_length
 
 
@@ -98,8 +100,7 @@ class PruneConfig:
     layers: str = "all"
     true_sequential: bool = False
     batch_size: int = 8
-    dense_attention_mlp_input: bool = False  # SparseLLM: the reference code's MLP input (before attention pruning)
-    method_options: dict = field(default_factory=dict)  # e.g. SparseLLM's rounds, alpha, beta, gamma
+    method_options: dict = field(default_factory=dict)  # SparseLLM: rounds, alpha, beta, gamma, dense_attention_input
     max_memory: int | None = None  # bytes of RAM for layer inputs/outputs (default: half the RAM); beyond: disk
     offload_dir: str | None = None  # where offloaded activations go (default: the temporary folder)
     precision: str = "auto"  # matrix products: bf16 (fp32 sums and solves) where the hardware has it, else fp32
@@ -108,6 +109,13 @@ class PruneConfig:
         if (self.sparsity is None) == (self.nm is None):
             raise UserError("give exactly one of --sparsity S or --nm N:M")
         return parse_nm(self.nm) if self.nm else Target(sparsity=self.sparsity)
+
+    def validate(self) -> None:
+        """Every check that needs no model, with the one-line errors of the CLI."""
+        self.target()
+        make_method(self.method, **self.method_options)
+        protocol(self.protocol)
+        precision.check(self.precision)
 
 
 @dataclass
@@ -121,7 +129,7 @@ class Report:
     data: dict
     perplexity: dict = field(default_factory=dict)
     zeroshot: dict = field(default_factory=dict)  # see sparsellm.eval.zeroshot.summary
-    events: list[str] = field(default_factory=list)  # every numerical safeguard that fired, by matrix
+    events: list[dict] = field(default_factory=list)  # every numerical safeguard that fired: kind, matrix, detail
     hardening: dict = field(default_factory=dict)  # their counts: damping raised, fp64 used
     peak_rss_mb: float = 0.0
     versions: dict = field(default_factory=dict)
@@ -144,7 +152,7 @@ def peak_rss_mb() -> float:
 def versions() -> dict:
     import transformers
 
-    from . import __version__
+    from .core import __version__
 
     return {
         "sparsellm": __version__,
@@ -249,7 +257,6 @@ def prune(
     opts = EngineOptions(
         batch_size=config.batch_size,
         true_sequential=config.true_sequential,
-        dense_attention_mlp_input=config.dense_attention_mlp_input,
         offload_dir=Path(activations["offload_dir"]) if activations["offload_dir"] else None,
     )
     chosen = precision.resolve(config.precision, next(p for p in model.parameters() if not p.is_meta).device)
@@ -290,12 +297,8 @@ def prune(
                 "tokens_sha256": calib_sha,
             }
         },
-        events=events,
-        hardening={
-            "events": len(events),
-            "cholesky_damping_raised": sum("raising damping" in e for e in events),
-            "cholesky_in_fp64": sum("float64" in e for e in events),
-        },
+        events=[asdict(e) for e in events],
+        hardening={"events": len(events), **{kind: sum(e.kind == kind for e in events) for kind in EVENT_KINDS}},
         peak_rss_mb=peak_rss_mb(),
         versions=versions(),
         precision=chosen.as_dict(),
@@ -343,7 +346,7 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 def _fingerprint(model: nn.Module, run: dict, calib_sha: str) -> dict:
     """What must be equal for a checkpoint to be resumed: the arguments, the data and the model's weights."""
-    from . import __version__
+    from .core import __version__
 
     embedding = model.get_input_embeddings().weight
     return {

@@ -14,8 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .engine import CHECKPOINT_EVERY, precision
-from .errors import UserError, require_free_space
+from .core import precision
+from .core.errors import UserError, require_free_space
+from .engine import CHECKPOINT_EVERY
 
 EXIT_USAGE = 2
 
@@ -177,7 +178,7 @@ def _output_folder(out: Path):
 
 
 def _write_report(folder: Path, report: dict) -> None:
-    from .inspection import sha256_file
+    from .core.files import sha256_file
     from .plots import write_plots
 
     report["files_sha256"] = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
@@ -235,15 +236,14 @@ def _bytes(text: str) -> int:
 
 
 def _method_options(args) -> dict:
+    """SparseLLM's options as given (the method validates their values, for the API and the CLI alike)."""
     options = {k: getattr(args, k) for k in ("rounds", "alpha", "beta", "gamma") if getattr(args, k) is not None}
-    if (options or args.dense_attention_input) and args.method != "sparsellm":
+    if args.dense_attention_input:
+        options["dense_attention_input"] = True
+    if options and args.method != "sparsellm":
         raise UserError(
             "--rounds, --alpha, --beta, --gamma and --dense-attention-input apply to --method sparsellm only"
         )
-    if options.get("rounds", 1) < 1:
-        raise UserError("--rounds must be at least 1")
-    if any(options.get(k, 1) <= 0 for k in ("alpha", "beta", "gamma")):
-        raise UserError("--alpha, --beta and --gamma must be positive")
     return options
 
 
@@ -281,22 +281,19 @@ def _prune_config(args):
         layers=args.layers,
         true_sequential=args.true_sequential,
         batch_size=args.batch_size,
-        dense_attention_mlp_input=args.dense_attention_input,
         method_options=_method_options(args),
         max_memory=_bytes(args.max_memory) if args.max_memory else None,
         offload_dir=args.offload_dir,
         precision=args.precision,
     )
-    config.target()  # validate before the slow load
-    api.protocol(args.protocol)
-    precision.check(args.precision)
+    config.validate()  # before the slow load
     api.check_datasets(_datasets(args.eval))
     zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
     return config
 
 
 def _checkpoint_dir(args, out: Path) -> Path | None:
-    from .engine import parallel
+    from .core import parallel
 
     if not args.checkpoint_every >= 0:  # also NaN
         raise UserError(f"--checkpoint-every must be 0 or more seconds; got {args.checkpoint_every}")
@@ -317,7 +314,7 @@ def _checkpoint_dir(args, out: Path) -> Path | None:
 def _prune_in_memory(args, config, out: Path, checkpoint_dir: Path | None) -> dict | None:
     """Load, prune, evaluate and save the whole model; the report (None on ranks other than 0)."""
     from . import api
-    from .engine import parallel
+    from .core import parallel
     from .models import loading
 
     t0 = time.perf_counter()
@@ -350,7 +347,7 @@ def _prune_in_memory(args, config, out: Path, checkpoint_dir: Path | None) -> di
 def _prune_streamed(args, config, out: Path) -> dict:
     """Prune a model one decoder layer at a time, from its safetensors files into the output folder's."""
     from . import api
-    from .engine import parallel
+    from .core import parallel
     from .models import loading, streaming
     from .models.adapters import adapter_for
 
@@ -415,7 +412,7 @@ def cmd_prune(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import api
-    from .engine import parallel
+    from .core import parallel
     from .eval import zeroshot
     from .models import loading
 
@@ -480,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from .engine import parallel
-        from .engine.allocator import keep_freed_memory
+        from .core import parallel
+        from .core.memory import keep_freed_memory
         from .models.loading import device_for
 
         keep_freed_memory()
@@ -502,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         print("sparsellm: interrupted; nothing was written", file=sys.stderr)
         return 130
     finally:
-        from .engine import parallel
+        from .core import parallel
 
         parallel.close()
 

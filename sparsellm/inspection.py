@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -10,15 +9,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import UserError
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from .core.errors import UserError
+from .core.files import sha256_file
 
 
 def _check_files(folder: Path, report: dict) -> list[str]:

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from sparsellm.core.errors import UserError
 from sparsellm.data import texts
-from sparsellm.errors import UserError
 
 # sha256 of the decompressed files, from ../shared/data/README.md
 SHA256 = {

@@ -105,7 +105,7 @@ def test_gram_is_the_gram_matrix_and_exactly_symmetric(width):
 
 FAULTS_OF_REPEATED_ALLOCATIONS = """
 import resource, sys, torch
-from sparsellm.engine.allocator import keep_freed_memory
+from sparsellm.core.memory import keep_freed_memory
 assert keep_freed_memory()  # the CLI calls this first
 for _ in range(4):  # glibc may place the first few blocks of 64 MB (above its largest default mmap threshold, 32 MB)
     torch.ones(1 << 24)  # anew before it settles on reusing one: the count starts after them

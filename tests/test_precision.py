@@ -11,12 +11,13 @@ import torch
 from conftest import random_tokens, tiny_model
 
 from sparsellm import evaluate
+from sparsellm.core import linalg as stats
+from sparsellm.core import precision
 from sparsellm.data import texts
-from sparsellm.engine import precision, stats
-from sparsellm.engine.layers import capture, run_layer
 from sparsellm.engine.sequential import EngineOptions, prune_model
 from sparsellm.methods import Target, make_method
 from sparsellm.models.adapters import adapter_for, submodule
+from sparsellm.models.layers import capture, run_layer
 
 BF16 = precision.Precision("bf16", "test")
 FP32 = precision.Precision("fp32", "test")

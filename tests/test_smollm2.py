@@ -72,9 +72,9 @@ def test_sparsellm_at_90_percent_stays_finite_and_improves_on_its_first_round(sm
 def test_sparsellm_generalises_better_than_sparsegpt_at_2_4(smollm2):
     """Layer 0's MLP at 2:4, fitted on 8 C4 windows, scored on 4 others. With the W-steps' ridge towards zero
     the later rounds overfitted here (held-out 0.104 against SparseGPT's 0.086); towards the dense weights 0.077."""
-    from sparsellm.engine.layers import capture
-    from sparsellm.engine.sequential import EngineOptions, mlp_inputs
+    from sparsellm.engine.joint_mlp import mlp_inputs
     from sparsellm.methods import Target, make_method
+    from sparsellm.models.layers import capture
 
     model, tok = smollm2
     adapter = adapter_for(model)
@@ -83,7 +83,7 @@ def test_sparsellm_generalises_better_than_sparsegpt_at_2_4(smollm2):
 
     def inputs(n, seed):
         captured = capture(model, adapter, texts.calibration(tok, c4, n, 512, seed=seed), 8)
-        return mlp_inputs(layer, adapter, captured.hidden, captured.kwargs[0], EngineOptions())[0]
+        return mlp_inputs(layer, adapter, captured.hidden, captured.kwargs[0], 8)[0]
 
     x_fit, x_held = inputs(8, 0), inputs(4, 1)
     with torch.no_grad():

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import random_tokens, tiny_model
 
-from sparsellm.engine.sequential import EngineOptions, prune_model, replaying
+from sparsellm.engine.joint_mlp import replaying
+from sparsellm.engine.sequential import EngineOptions, prune_model
 from sparsellm.methods import Target, make_method
 from sparsellm.methods.activations import ACTIVATIONS
 from sparsellm.methods.sparsellm import CHUNK, PStats, gram, relu_z_step, s_step
@@ -71,7 +72,7 @@ def test_rounds_lower_the_output_error_below_sparsegpt(kind, target):
         Y = mlp(X)
     reference, _ = synthetic_mlp(kind)
     sparsegpt_mlp(reference, X, target)
-    log = make_method("sparsellm", rounds=4).prune_mlp(mlp, X, target)
+    log = make_method("sparsellm", rounds=4).prune_mlp(mlp, X, target).rounds
     errors, token_errors, kept = log["output_error"], log["token_error"], log["kept_round"]
     assert errors[0] == pytest.approx(mlp_error(reference, X, Y), rel=1e-5)  # round 1 is SparseGPT
     assert token_errors[kept - 1] == min(token_errors) <= token_errors[0]
@@ -99,13 +100,13 @@ def test_the_kept_round_is_chosen_per_token_not_by_a_few_huge_outputs(monkeypatc
     sweep = _Solver.sweep
     disagree = iter([(1.0, 1.0), (0.5, 1.2), (0.4, 1.3)])  # (global, per-token): global falls, per-token rises
     monkeypatch.setattr(_Solver, "sweep", lambda self, last: (*next(disagree), sweep(self, last)[-1]))
-    log = make_method("sparsellm", rounds=3).prune_mlp(*synthetic_mlp("gated"), Target(sparsity=0.7))
+    log = make_method("sparsellm", rounds=3).prune_mlp(*synthetic_mlp("gated"), Target(sparsity=0.7)).rounds
     assert log["kept_round"] == 1
     monkeypatch.setattr(_Solver, "sweep", sweep)
 
     mlp, X = synthetic_mlp("gated")
     X[::300] *= 30.0  # 10 of 3000 tokens: outputs ~1000x larger in square
-    log = make_method("sparsellm", rounds=3).prune_mlp(mlp, X, Target(sparsity=0.7))
+    log = make_method("sparsellm", rounds=3).prune_mlp(mlp, X, Target(sparsity=0.7)).rounds
     with torch.no_grad():
         Y = synthetic_mlp("gated")[0](X)
         share = (Y[::300] ** 2).sum() / (Y**2).sum()
@@ -206,7 +207,7 @@ def test_fused_relu_step_and_measurement_do_the_eager_math():
 
 
 def test_fused_falls_back_to_eager_where_compiling_fails(monkeypatch, caplog):
-    from sparsellm.engine.fused import fused
+    from sparsellm.core.fused import fused
 
     def no_compiler(*_args, **_kwargs):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(details)")
@@ -237,11 +238,11 @@ def test_mlp_input_after_or_before_attention_pruning(dense_input):
     logs = prune_model(
         model,
         adapter_for(model),
-        make_method("sparsellm", rounds=2),
+        make_method("sparsellm", rounds=2, dense_attention_input=dense_input),
         Target(sparsity=0.7),
         random_tokens(8),
         {0, 1},
-        EngineOptions(dense_attention_mlp_input=dense_input),
+        EngineOptions(),
         progress=False,
     )
     assert all(len(log.mlp["output_error"]) == 2 and 1 <= log.mlp["kept_round"] <= 2 for log in logs)
@@ -357,19 +358,19 @@ REPLAY_CASES = [(f, d, torch.float32) for f in ("opt", "llama", "gemma3") for d 
 @pytest.mark.parametrize("family, dense_input, dtype", [*REPLAY_CASES, ("llama", False, torch.bfloat16)])
 def test_final_pass_replays_the_kept_mlp_outputs(family, dense_input, dtype, monkeypatch):
     """The layer's output with the attention's and the MLP's outputs replayed equals the pruned layer recomputed."""
-    from sparsellm.engine import sequential
-    from sparsellm.engine.layers import capture, run_layer
+    from sparsellm.engine import joint_mlp, sequential
     from sparsellm.models.adapters import adapter_for, submodule
+    from sparsellm.models.layers import capture, run_layer
 
     model = tiny_model(family).to(dtype)
     adapter = adapter_for(model)
     inputs = capture(model, adapter, random_tokens(8), 4)
     layer = adapter.decoder_layers(model)[0]
-    replays, real = [], sequential.replaying
+    replays, real = [], joint_mlp.replaying
     monkeypatch.setattr(sequential, "replaying", lambda outputs: replays.append(outputs) or real(outputs))
     out = torch.empty_like(inputs.hidden)
-    opts = EngineOptions(batch_size=4, dense_attention_mlp_input=dense_input)
-    method, target = make_method("sparsellm", rounds=2), Target(sparsity=0.7)
+    opts = EngineOptions(batch_size=4)
+    method, target = make_method("sparsellm", rounds=2, dense_attention_input=dense_input), Target(sparsity=0.7)
     log = sequential.prune_layer(layer, adapter, method, target, inputs.hidden, inputs.kwargs[0], out, opts)
     assert log.mlp["kept_round"] == 2 and "outputs" not in log.mlp
     # Replayed only when the final pass feeds the MLP the solver's own inputs (pruned attention): the attention's

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 BUNDLED = Path(__file__).parent / "bundled"
 C4_EVAL_DOCS = 1100

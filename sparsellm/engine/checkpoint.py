@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import UserError
+from ..core.errors import UserError
 from ..models.adapters import Adapter
 from . import CHECKPOINT_EVERY
 

@@ -5,12 +5,11 @@ outputs; (b) prune its linears; (c) run the pruned layer to produce the next lay
 the relative reconstruction error against the dense outputs. Errors propagate, as in every peer.
 With `true_sequential`, (a)-(b) repeat site by site (q,k,v -> o -> gate,up -> down), each site's inputs
 recomputed after the sites before it were pruned. Joint-MLP methods (SparseLLM) get the attention sites
-the same way and then the whole MLP at once, on MLP inputs recomputed after attention was pruned.
+the same way and then the whole MLP at once (engine/joint_mlp.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +18,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from ..methods.base import Method, Target
-from ..models.adapters import Adapter, Site, submodule
-from . import parallel
+from ..core import parallel
+from ..core.errors import UserError
+from ..core.types import LayerIO, Site
+from ..methods.base import Event, Method, Target
+from ..models.adapters import Adapter, submodule
+from ..models.layers import call_layer, capture, in_ram, on_disk, run_layer
 from .checkpoint import Checkpoint
-from .layers import LayerIO, StopForward, call_layer, capture, in_ram, on_disk, run_layer
+from .joint_mlp import JointMLP, replaying
 from .stats import recording
 
 
@@ -33,7 +34,7 @@ class LayerLog:
     index: int
     seconds: float = 0.0
     recon_error: float = 0.0  # ||Y_dense - Y_pruned||^2 / ||Y_dense||^2 of the layer's output
-    events: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     mlp: dict | None = None  # joint-MLP methods: objective per round, chosen round
 
 
@@ -41,7 +42,6 @@ class LayerLog:
 class EngineOptions:
     batch_size: int = 8
     true_sequential: bool = False
-    dense_attention_mlp_input: bool = False  # SparseLLM: the reference code's variant
     offload_dir: Path | None = None  # layer inputs/outputs memory-mapped from files here instead of RAM
 
 
@@ -55,13 +55,13 @@ def prune_site_group(
     kwargs: dict,
     opts: EngineOptions,
     dense_out: torch.Tensor | None = None,
-) -> list[str]:
+) -> list[Event]:
     """Statistics of `sites` from one pass over the layer, then prune each of their linears."""
     first = {site.name: submodule(layer, site.linears[0]) for site in sites}
     # A data-free method (magnitude) hooks nothing but still runs the pass, for the dense outputs.
     with recording(first if method.statistic else {}, method.statistic or "") as stats:
         run_layer(layer, x, kwargs, opts.batch_size, out=dense_out)
-    events = []
+    events: list[Event] = []
     for site in sites:
         stat = stats[site.name].mean() if method.statistic else None
         if stat is not None and not torch.isfinite(stat).all():
@@ -70,87 +70,8 @@ def prune_site_group(
             linear = submodule(layer, path)
             pruned = method.prune(linear.weight.data, stat, target)
             linear.weight.data.copy_(pruned.weight)
-            events += [f"{path}: {e}" for e in pruned.events]
+            events += [e.on(path) for e in pruned.events]
     return events
-
-
-@torch.no_grad()
-def mlp_inputs(
-    layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict, opts: EngineOptions, keep_attention: bool = False
-) -> tuple[torch.Tensor, list]:
-    """The MLP's input for every calibration token, [N, d], as the layer currently computes it, and with
-    `keep_attention` the attention's output of every batch (for `replaying`; its attention weights, which layers
-    discard, dropped; otherwise the list is empty).
-
-    The forward stops as soon as the MLP's first linear is reached: the MLP itself need not run.
-    """
-    chunks: list[torch.Tensor] = []
-    attention: list = []
-
-    def record(_module, args):
-        chunks.append(args[0].reshape(-1, args[0].shape[-1]).float())
-        raise StopForward
-
-    def record_attention(_module, _args, out):
-        attention.append((out[0], *(None for _ in out[1:])) if isinstance(out, tuple) else out)
-
-    mlp = adapter.mlp(layer)
-    handles = [lin.register_forward_pre_hook(record) for lin in (mlp.up, mlp.gate) if lin is not None]
-    if keep_attention:
-        handles.append(submodule(layer, adapter.attention).register_forward_hook(record_attention))
-    try:
-        for start in range(0, x.shape[0], opts.batch_size):
-            with contextlib.suppress(StopForward):
-                call_layer(layer, x[start : start + opts.batch_size], kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    x_mlp = torch.cat(chunks)
-    (bad,) = parallel.all_sum_floats(float(not torch.isfinite(x_mlp).all()))  # every rank must stop together
-    if bad:
-        raise UserError("the MLP inputs hold NaN/Inf (the model or its data is broken); nothing was saved")
-    return x_mlp, attention
-
-
-def per_batch(rows: torch.Tensor, x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Token rows [N, k] of the windows x [n, T, d], cut into the outputs of the engine's batches, [b, T, k]."""
-    seqlen = x.shape[1]
-    return [rows[start * seqlen : (start + batch_size) * seqlen].view(-1, seqlen, rows.shape[-1])
-            for start in range(0, x.shape[0], batch_size)]  # fmt: skip
-
-
-@contextlib.contextmanager
-def replaying(outputs: dict[nn.Module, list]):
-    """While active, each module in `outputs` returns its recorded outputs, one per call, in order, instead of
-    computing; on exit every one must have been returned exactly once.
-
-    SparseLLM's final pass feeds each layer the inputs it was just run on: the attention's outputs were
-    recorded on the way to the MLP inputs, and the solver computed its kept MLP's outputs, so replaying them
-    leaves only the norms and residual adds to run (no architecture knowledge needed here).
-    """
-    served = dict.fromkeys(outputs, 0)
-
-    def replay(module: nn.Module):
-        def forward(*args, **_kwargs):
-            if served[module] == len(outputs[module]):
-                raise RuntimeError("a replayed module was called more often than recorded (the final pass changed)")
-            served[module] += 1
-            out = outputs[module][served[module] - 1]
-            if torch.is_tensor(out) and args and torch.is_tensor(args[0]):  # a linear's: shaped as its input asks
-                out = out.reshape(*args[0].shape[:-1], -1)  # (OPT flattens the tokens before fc1)
-            return out
-
-        return forward
-
-    for module in outputs:
-        module.forward = replay(module)
-    try:
-        yield
-    finally:
-        for module in outputs:
-            del module.forward
-    if any(served[module] != len(outputs[module]) for module in outputs):
-        raise RuntimeError("replayed outputs were not consumed exactly once (the final pass changed)")
 
 
 @torch.no_grad()
@@ -188,24 +109,13 @@ def prune_layer(
     log = LayerLog(index=-1)
     sites = [s for s in adapter.sites if not (method.joint_mlp and s.part == "mlp")]
     groups = [[s] for s in sites] if opts.true_sequential else [sites]
-    dense_x_mlp = None
-    if method.joint_mlp and opts.dense_attention_mlp_input:
-        dense_x_mlp, _ = mlp_inputs(layer, adapter, x, kwargs, opts)
+    joint = JointMLP(layer, adapter, method, x, kwargs, opts.batch_size) if method.joint_mlp else None
     for i, group in enumerate(groups):
         log.events += prune_site_group(layer, group, method, target, x, kwargs, opts, dense_out=out if i == 0 else None)
     replay = {}
-    if method.joint_mlp:
-        x_mlp = dense_x_mlp
-        if x_mlp is None:  # taken after attention was pruned: the final pass runs this attention on these inputs
-            x_mlp, replay[submodule(layer, adapter.attention)] = mlp_inputs(
-                layer, adapter, x, kwargs, opts, keep_attention=True
-            )
-        log.mlp = method.prune_mlp(adapter.mlp(layer), x_mlp, target)
-        log.events += log.mlp.pop("events", [])
-        outputs = log.mlp.pop("outputs", None)
-        # The final pass feeds the MLP x_mlp again, unless x_mlp was taken before attention was pruned.
-        if outputs and dense_x_mlp is None:
-            replay |= {linear: per_batch(rows, x, opts.batch_size) for linear, rows in outputs.items()}
+    if joint is not None:
+        result, replay = joint.prune(target)
+        log.mlp, log.events = result.rounds, log.events + result.events
     with replaying(replay):
         log.recon_error = finish_layer(layer, x, kwargs, out, opts.batch_size)
     log.seconds = time.perf_counter() - t0
@@ -237,7 +147,7 @@ def prune_model(
     if checkpoint is not None and checkpoint.exists():
         start, restored, saved = checkpoint.load(decoder, adapter)
         x.copy_(restored)
-        logs = [LayerLog(**log) for log in saved]
+        logs = [LayerLog(**{**log, "events": [Event(**e) for e in log["events"]]}) for log in saved]
     out = alloc(tuple(x.shape), x.dtype, x.device)
     bar = tqdm(range(start, len(decoder)), desc=f"{method.name} {target}", unit="layer", disable=not progress)
     for i in bar:

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine import parallel, precision
-from ..engine.layers import LayerIO, capture, run_layer
+from ..core import parallel, precision
+from ..core.types import LayerIO
 from ..models.adapters import Adapter
+from ..models.layers import capture, run_layer
 
 # Tokens whose logits exist at once: the vocabulary-sized logits and their log-softmax dominate the evaluation's
 # memory (SmolLM2: 100 MB each for a 512-token window, 25 MB for 128 tokens).

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from torch import nn
 
+from ..core import parallel, precision
+from ..core.errors import UserError
 from ..data import texts
 from ..data import zeroshot as data
-from ..engine import parallel, precision
-from ..errors import UserError
 
 METRICS = ("acc", "acc_norm", "perplexity")
 

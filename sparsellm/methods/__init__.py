@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .base import Method, Pruned, Target
 from .magnitude import Magnitude
 from .sparsegpt import SparseGPT

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 
 class Activation(NamedTuple):

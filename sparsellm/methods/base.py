@@ -8,12 +8,14 @@ tie often, give the same mask on every run and the count is always exact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
 import torch
+from torch import nn
 
-from ..errors import UserError
+from ..core.errors import UserError
+from ..core.types import MLP
 
 
 @dataclass(frozen=True)
@@ -79,24 +81,59 @@ def mask_from_scores(scores: torch.Tensor, target: Target, per_row: bool) -> tor
     return smallest(scores.reshape(1, -1), prune_count(scores.numel(), target.sparsity)).reshape(scores.shape)
 
 
+EVENT_KINDS = ("cholesky_damping_raised", "cholesky_in_fp64")
+
+
+@dataclass(frozen=True)
+class Event:
+    """A numerical safeguard that fired. `kind` is counted in the report: "cholesky_damping_raised" (a factorisation
+    failed and is retried with 10x damping) or "cholesky_in_fp64" (every fp32 damping failed: fp64 from then on)."""
+
+    kind: str
+    matrix: str
+    detail: str
+
+    def on(self, matrix: str) -> Event:
+        """The same event, said of `matrix` (its place in the layer)."""
+        return Event(self.kind, f"{matrix} {self.matrix}".strip(), self.detail)
+
+    def __str__(self) -> str:
+        return f"{self.matrix}: {self.detail}" if self.matrix else self.detail
+
+
 class Pruned(NamedTuple):
     weight: torch.Tensor
-    events: tuple[str, ...] = ()
+    events: tuple[Event, ...] = ()
+
+
+@dataclass
+class MLPResult:
+    """What a joint-MLP method did to one MLP: per-round curves for the report (objective, output_error,
+    token_error, kept_round), the safeguards that fired, and optionally `outputs` ({linear: its output on the
+    given inputs, [N, out], as the layer's forward pass computes it}), which the engine replays instead of
+    recomputing the MLP."""
+
+    rounds: dict
+    events: list[Event] = field(default_factory=list)
+    outputs: dict[nn.Linear, torch.Tensor] | None = None
 
 
 @dataclass
 class Method:
     """One pruning method. Subclasses set `name` and `statistic` and implement `prune`.
 
-    `joint_mlp` methods (SparseLLM) also implement `prune_mlp`, and the engine hands them the whole MLP; the
-    log it returns may carry `outputs` ({linear: its output on the given inputs, [N, out], exactly as the linear
-    computes it}), which the engine replays instead of recomputing the MLP, and `events`, which it logs; the
-    rest goes into the report.
+    `joint_mlp` methods (SparseLLM) also implement `prune_mlp(mlp, x, target) -> MLPResult`: the engine hands
+    them the whole MLP and its inputs x [N, d] (taken after the layer's attention was pruned, or before it when
+    their `dense_attention_input` is set).
     """
 
     name: ClassVar[str] = ""
     statistic: ClassVar[str | None] = None  # "hessian", "sqnorm" or None
     joint_mlp: ClassVar[bool] = False
+    dense_attention_input: ClassVar[bool] = False
 
     def prune(self, weight: torch.Tensor, stat: torch.Tensor | None, target: Target) -> Pruned:
         raise NotImplementedError
+
+    def prune_mlp(self, mlp: MLP, x: torch.Tensor, target: Target) -> MLPResult:
+        raise NotImplementedError(f"{self.name} prunes linears one at a time, not an MLP jointly")

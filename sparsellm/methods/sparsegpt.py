@@ -15,31 +15,35 @@ from typing import NamedTuple
 
 import torch
 
-from ..errors import UserError
-from .base import Method, Pruned, Target, prune_count, smallest
+from ..core.errors import UserError
+from .base import Event, Method, Pruned, Target, prune_count, smallest
 
 log = logging.getLogger("sparsellm")
 
 MAX_DAMPING_STEPS = 6
 
 
-def with_damping(hessian: torch.Tensor, percdamp: float, factor) -> tuple[torch.Tensor, list[str]]:
+def with_damping(hessian: torch.Tensor, percdamp: float, factor) -> tuple[torch.Tensor, list[Event]]:
     """factor(H + damp I) with damp = percdamp * mean(diag H), raised 10x whenever factor returns None, then in fp64.
 
     Never falls back silently: every retry is returned as an event (logged, and counted in the report).
     """
-    events: list[str] = []
+    events: list[Event] = []
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     base = percdamp * max(torch.diag(hessian).mean().item(), 1e-12)
     for dtype in (torch.float32, torch.float64):
+        if dtype == torch.float64:
+            events.append(Event("cholesky_in_fp64", "", "fp32 failed at every damping: factorising in fp64"))
+            log.warning(str(events[-1]))
         h = hessian.to(dtype)
         for step in range(MAX_DAMPING_STEPS):
             damp = base * 10**step
             result = factor(h + damp * eye.to(dtype))
             if result is not None:
                 return result.to(hessian.dtype), events
-            events.append(f"cholesky failed at damping {damp:.3g} ({dtype}); raising damping")
-            log.warning(events[-1])
+            detail = f"cholesky failed at damping {damp:.3g} ({dtype}); raising damping"
+            events.append(Event("cholesky_damping_raised", "", detail))
+            log.warning(detail)
     raise UserError("a Hessian stays singular after raising damping 1e5x and using fp64; check the calibration data")
 
 
@@ -61,7 +65,7 @@ def group_smallest(scores: torch.Tensor, n: int, later: torch.Tensor) -> torch.T
     return torch.where(later, b <= a, b < a).sum(1) < n
 
 
-def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, list[str]]:
+def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, list[Event]]:
     """Upper Cholesky factor of (H + damp I)^-1, the factor SparseGPT's column updates use."""
 
     def inverse_factor(h):
@@ -77,7 +81,7 @@ class Factor(NamedTuple):
 
     U: torch.Tensor
     dead: torch.Tensor
-    events: tuple[str, ...]
+    events: tuple[Event, ...]
 
 
 def hessian_factor(hessian: torch.Tensor, percdamp: float) -> Factor:

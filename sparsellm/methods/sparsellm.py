@@ -29,15 +29,18 @@ chunk in turn, so the sparse up/gate outputs and P never exist for all tokens at
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
-from ..engine import parallel, stats
-from ..engine.fused import fused
-from ..models.adapters import MLP
+from ..core import linalg as stats
+from ..core import parallel
+from ..core.errors import UserError
+from ..core.fused import fused
+from ..core.types import MLP
 from .activations import Activation, activation
-from .base import Target
+from .base import Event, MLPResult, Target
 from .sparsegpt import Factor, SparseGPT, cholesky, hessian_factor, with_damping
 
 log = logging.getLogger("sparsellm")
@@ -184,15 +187,26 @@ def s_step(s, n, p, z, a_s, g, act: Activation, steps: int, multistart: bool = T
 class SparseLLM(SparseGPT):
     name = "sparsellm"
     joint_mlp = True
-    # Defaults chosen on held-out calibration text (SmolLM2, 80%, see BENCHMARKS.md "SparseLLM defaults").
+    # Defaults chosen on held-out calibration text (SmolLM2, 80%, see bench/sparsellm_sweep.py).
     rounds: int = 3
     alpha: float = 0.3
     beta: float = 30.0
     gamma: float = 1.0
     newton_steps: int = 1  # warm-started across rounds: one safeguarded step did as well as four
     multistart: bool = False  # exact multi-start s-step: same held-out error on SmolLM2, 1.5x the time
+    dense_attention_input: bool = False  # the reference code's MLP input: taken before attention was pruned
 
-    def prune_mlp(self, mlp: MLP, x: torch.Tensor, target: Target) -> dict:
+    def __post_init__(self):
+        if not (isinstance(self.rounds, int) and self.rounds >= 1):
+            raise UserError(f"--rounds must be at least 1 (a whole number); got {self.rounds}")
+        for name in ("alpha", "beta", "gamma"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise UserError(f"--{name} must be a finite positive number; got {value}")
+        if not (isinstance(self.newton_steps, int) and self.newton_steps >= 0):
+            raise UserError(f"newton_steps must be a whole number of at least 0; got {self.newton_steps}")
+
+    def prune_mlp(self, mlp: MLP, x: torch.Tensor, target: Target) -> MLPResult:
         """Prune the MLP's linears in place on inputs x [N, d]; return the per-round log."""
         return _Solver(self, mlp, x, target).run()
 
@@ -237,7 +251,7 @@ class _Solver:
         self.g_z = torch.tensor(self.g / self.a_z, device=x.device)
         self.g_s = torch.tensor(self.g / self.a_s if self.gated else 0.0, device=x.device)
         self.hidden_gap = 0.0  # ||P - h(Z, S)||^2, summed by the z/s-steps (P starts as h(Z, S) exactly)
-        self.events: list[str] = []
+        self.events: list[Event] = []
         self.hx_factor = self._factor("input", self.hx)  # X does not change: up and gate share it in every round
 
     def _linears(self) -> dict[str, torch.nn.Linear]:
@@ -251,7 +265,7 @@ class _Solver:
 
     def _factor(self, inputs: str, hessian: torch.Tensor) -> Factor:
         factor = hessian_factor(hessian, self.m.percdamp)
-        self.events += [f"mlp {inputs}: {e}" for e in factor.events]
+        self.events += [e.on(f"mlp {inputs}") for e in factor.events]
         return factor
 
     def _sparse_fit(self, name: str, t_a: torch.Tensor | None, hessian: torch.Tensor, factor: Factor):
@@ -321,7 +335,7 @@ class _Solver:
         gram_wd = wd @ wd.T
         relative = (self.g / self.b) / max(torch.diag(gram_wd).mean().item(), 1e-12)  # damping = g / b
         chol, events = with_damping(gram_wd, relative, cholesky)
-        self.events += [f"mlp p-step: {e}" for e in events]
+        self.events += [e.on("mlp p-step") for e in events]
         lift = torch.cholesky_solve(wd, chol)
         return lift, torch.eye(wd.shape[0], device=wd.device) - lift @ wd.T
 
@@ -378,14 +392,8 @@ class _Solver:
         # Only the last round's outputs are stored, and only an fp32 MLP computes them as the solver did (its
         # products in the current precision, as the layer's forward pass under it).
         replayable = best + 1 == self.m.rounds and self.mlp.up.weight.dtype == torch.float32
-        return {
-            "outputs": self._outputs() if replayable else None,
-            "objective": curve,
-            "output_error": errors,
-            "token_error": token_errors,
-            "kept_round": best + 1,
-            "events": self.events,
-        }
+        rounds = {"objective": curve, "output_error": errors, "token_error": token_errors, "kept_round": best + 1}
+        return MLPResult(rounds, self.events, self._outputs() if replayable else None)
 
 
 def relu_z_step(m: torch.Tensor, p: torch.Tensor, a: float, g: float) -> torch.Tensor:

@@ -7,47 +7,11 @@ only ever see sites, linears and an `MLP` view; no other module names a module p
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ..errors import UserError
-
-
-@dataclass(frozen=True)
-class Site:
-    """Linears fed by one tensor, e.g. q/k/v. `part` is "attn" or "mlp"."""
-
-    name: str
-    linears: tuple[str, ...]
-    part: str
-
-
-@dataclass
-class MLP:
-    """A decoder layer's MLP as the math sees it.
-
-    relu:  Y = down(act(up X + b1)) + b2          (OPT: up = fc1, down = fc2)
-    gated: Y = down(act(gate X) * up X)           (LLaMA family: SiLU; Gemma 3: GELU-tanh)
-    """
-
-    kind: str
-    up: nn.Linear
-    down: nn.Linear
-    act: Callable[[torch.Tensor], torch.Tensor]
-    act_name: str  # the Hugging Face config name, e.g. "silu", "gelu_pytorch_tanh", "relu"
-    gate: nn.Linear | None = None
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """The down projection's input p for MLP input x."""
-        if self.kind == "gated":
-            return self.act(self.gate(x)) * self.up(x)
-        return self.act(self.up(x))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.hidden(x))
+from ..core.errors import UserError
+from ..core.types import MLP, Site
 
 
 def submodule(root: nn.Module, path: str) -> nn.Module:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..engine.allocator import return_freed_memory
-from ..errors import UserError
-from ..inspection import sha256_file
+from ..core.errors import UserError
+from ..core.files import sha256_file
+from ..core.memory import return_freed_memory
 
 log = logging.getLogger("sparsellm")
 

@@ -10,8 +10,6 @@ activations, whatever the number of layers.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 from pathlib import Path
 
@@ -20,8 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..engine.layers import LayerIO
-from ..errors import UserError
+from ..core.errors import UserError
+from ..core.memory import map_large_blocks
+from ..core.types import LayerIO
 from .adapters import Adapter
 
 
@@ -93,19 +92,9 @@ class StreamedLayers(LayerIO):
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
-def _return_freed_memory() -> None:
-    """Make glibc give every large freed block back to the OS. By default it raises its mmap threshold after
-    large frees and then serves later layer-sized tensors from a heap it never shrinks, so memory would
-    creep up with the number of layers streamed through (measured: +35% over 32 layers)."""
-    libc = ctypes.util.find_library("c")
-    if libc and hasattr(ctypes.CDLL(libc), "mallopt"):
-        M_MMAP_THRESHOLD = -3
-        ctypes.CDLL(libc).mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-
-
 def load_streamed(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, SafetensorsWeights]:
     """The model of `folder` with only its outer modules loaded; the decoder layers stay on meta."""
-    _return_freed_memory()
+    map_large_blocks()
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..errors import UserError
+from .errors import UserError
 
 
 def world() -> int:

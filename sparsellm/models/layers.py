@@ -19,19 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models.adapters import Adapter
-from . import precision
-
-
-class LayerIO:
-    """Hooks around each decoder layer's turn: `enter` before it is used, `leave` once the engine is done with
-    it. The default keeps the whole model in memory; models.streaming loads and writes layers here."""
-
-    def enter(self, i: int, layer: nn.Module) -> None:
-        pass
-
-    def leave(self, i: int, layer: nn.Module) -> None:
-        pass
+from ..core import precision
+from .adapters import Adapter
 
 
 class StopForward(Exception):

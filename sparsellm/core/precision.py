@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from .errors import UserError
 
 CHOICES = ("auto", "bf16", "fp32")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # x86 flags of native bf16 dot products (oneDNN uses them)
