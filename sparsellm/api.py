@@ -30,7 +30,7 @@ from .models.adapters import Adapter, adapter_for, context_length
 
 @dataclass(frozen=True)
 class Protocol:
-    """How calibration and evaluation data are cut (DESIGN section 4)."""
+    """How calibration and evaluation data are cut (README, "Protocols")."""
 
     name: str
     seqlen: int

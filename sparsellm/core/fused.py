@@ -1,7 +1,7 @@
 """Elementwise hot loops fused by `torch.compile`, with the same function run eagerly where it cannot compile.
 
 Eager PyTorch runs each elementwise op as its own pass over memory; SparseLLM's z/s-steps are ~60 of them per
-element, and `torch.compile` fuses them into one loop (4x faster on SmolLM2's shapes, BENCHMARKS.md). The first
+element, and `torch.compile` fuses them into one loop (4x faster on SmolLM2's shapes). The first
 call compiles (C++ through the system compiler: ~10 s on a cold cache, ~3 s once the cache in the temporary folder
 is warm); with no compiler, or with `TORCH_COMPILE_DISABLE=1`, the function runs eagerly, with the same math.
 Compiled with dynamic shapes, so one kernel serves every chunk and model width; scalars are passed as 0-d tensors,

@@ -2,14 +2,11 @@
 passes allocate the same large temporaries over and over. Streamed (`map_large_blocks`), hand large blocks back:
 layer-sized tensors come and go once each, and a kept heap would grow with the number of layers.
 
-glibc hands every allocation above its mmap threshold (at most 32 MB, and a trimmed heap top) back to the
-kernel on free, so the next batch's attention scores ([8, 9, 512, 512] fp32 = 75 MB on SmolLM2) and MLP
-activations are fresh pages the kernel must fault in and zero: a 50% Wanda prune of SmolLM2 took 4.5 M page
-faults and 12.9 s of system time, 43.9 s in all; with these settings 0.3 M, 5.6 s and 39.1 s (BENCHMARKS.md).
-Peak RSS is unchanged where memory is reused, not added, but memory that nothing reuses stays resident too: the
-default job in a fresh clone peaked at 2180 MB (1765 MB before this setting) because the one-off dequantisation of
-the built-in GGUF left 1.1 GB freed and kept, and the evaluation's whole-window logits did not fit the kept blocks.
-One-off phases now call `return_freed_memory`, and the evaluation takes its logits 128 tokens at a time (BENCHMARKS.md).
+By default glibc hands every allocation above its mmap threshold (at most 32 MB, and a trimmed heap top) back to
+the kernel on free, so the next batch's attention scores ([8, 9, 512, 512] fp32 = 75 MB on SmolLM2) and MLP
+activations are fresh pages the kernel must fault in and zero: a 50% Wanda prune of SmolLM2 spends 4.5 M page
+faults and 12.9 s of system time that way, 0.3 M and 5.6 s with `keep_freed_memory`. Memory that nothing reuses
+stays resident too, so one-off phases (dequantising a GGUF) call `return_freed_memory` after them.
 """
 
 from __future__ import annotations

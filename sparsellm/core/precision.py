@@ -1,10 +1,10 @@
 """The arithmetic of the matrix work: bf16 products summed in fp32 where the hardware runs bf16 faster, else fp32.
 
-Under bf16 the decoder layers' forward passes run in torch.autocast, and the statistics' products (Hessians
-X^T X, Grams, cross products, SparseLLM's linears on its auxiliaries) multiply bf16 copies of their operands
-chunk by chunk, each chunk's product added into an fp32 sum. What never changes: the weights (the model's own
-dtype, read and written by the solvers), every solve (Cholesky, damping, SparseGPT's column loop, SparseLLM's
-normal equations and p-step operators), the elementwise steps and every sum over chunks, which stay fp32.
+Under bf16 the decoder layers' forward passes run in torch.autocast, and SparseLLM's cross products and linears
+on its auxiliaries multiply bf16 copies of their operands chunk by chunk, each chunk's product added into an fp32
+sum (core/linalg.py). What never changes: the weights (the model's own dtype, read and written by the solvers),
+the Hessians and Grams (fp32 products: they must stay positive semi-definite), every solve (Cholesky, damping,
+SparseGPT's column loop, SparseLLM's normal equations and p-step operators), the elementwise steps and every sum.
 
 A bf16 x bf16 product on the CPU returns bf16 (torch has no fp32-output bf16 matmul there): each chunk's product
 is rounded once to 8 mantissa bits, and the fp32 sum of many chunks averages those roundings down.

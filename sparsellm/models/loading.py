@@ -82,8 +82,8 @@ def builtin_gguf(name: str) -> Path:
 
 
 def _gguf_cache_key(path: Path) -> str:
-    """The GGUF's content hash (0.2 s for SmolLM2's 93 MB): each fresh install puts the same file at a new path, and
-    a key made of path and mtime left one more 540 MB dequantised copy in the cache per install."""
+    """The GGUF's content hash (0.2 s for SmolLM2's 93 MB): each install puts the same file at a new path, and every
+    install shares one dequantised copy."""
     return sha256_file(path)[:16]
 
 
