@@ -118,8 +118,13 @@ class PruneConfig:
         precision.check(self.precision)
 
 
+REPORT_SCHEMA = 2  # report.json's layout; raised whenever a field changes meaning or moves
+
+
 @dataclass
 class Report:
+    """report.json, the one definition of its fields (pipeline.py fills model, manifest and files_sha256)."""
+
     method: str
     protocol: str
     config: dict
@@ -133,7 +138,11 @@ class Report:
     hardening: dict = field(default_factory=dict)  # their counts: damping raised, fp64 used
     peak_rss_mb: float = 0.0
     versions: dict = field(default_factory=dict)
-    precision: dict = field(default_factory=dict)  # which arithmetic ran and why (engine/precision.py)
+    precision: dict = field(default_factory=dict)  # which arithmetic ran and why (core/precision.py)
+    model: str = ""
+    manifest: dict = field(default_factory=dict)  # command, time, seed, data and calibration-token hashes
+    files_sha256: dict = field(default_factory=dict)  # every saved tensor file; `inspect` re-hashes them
+    schema: int = REPORT_SCHEMA
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -216,6 +225,41 @@ def sparsity_summary(before: dict[str, tuple[int, int]], after: dict[str, tuple[
     }
 
 
+@dataclass
+class _Plan:
+    """What a prune works out from its config, model and tokenizer before any layer is touched."""
+
+    adapter: Adapter
+    target: Target
+    method: object
+    proto: Protocol
+    seqlen: int
+    nsamples: int
+    layer_ids: list[int]
+    corpus: texts.Corpus
+    calib: torch.Tensor
+    precision: precision.Precision
+
+
+def _plan(model: nn.Module, tokenizer, config: PruneConfig) -> _Plan:
+    adapter = adapter_for(model)
+    target = config.target()
+    method = make_method(config.method, **config.method_options)
+    proto = protocol(config.protocol)
+    seqlen = seqlen_for(model, proto, config.seqlen)
+    nsamples = proto.nsamples if config.nsamples is None else config.nsamples
+    if nsamples < 1:
+        raise UserError(f"--nsamples must be at least 1; got {nsamples}")
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1; got {config.batch_size}")
+    layer_ids = parse_layers(config.layers, len(adapter.decoder_layers(model)))
+    _check_nm_width(model, adapter, layer_ids, target)
+    chosen = precision.resolve(config.precision, next(p for p in model.parameters() if not p.is_meta).device)
+    corpus = texts.corpus(config.calib, "train", online=texts.default_online())
+    calib = texts.calibration(tokenizer, corpus, nsamples, seqlen, config.seed)
+    return _Plan(adapter, target, method, proto, seqlen, nsamples, layer_ids, corpus, calib, chosen)
+
+
 def prune(
     model: nn.Module,
     tokenizer,
@@ -233,75 +277,65 @@ def prune(
     With `io` (models.streaming), the decoder layers are loaded and written one at a time.
     """
     t_start = time.perf_counter()
-    adapter = adapter_for(model)
-    target = config.target()
-    method = make_method(config.method, **config.method_options)
-    proto = protocol(config.protocol)
-    seqlen = seqlen_for(model, proto, config.seqlen)
-    nsamples = proto.nsamples if config.nsamples is None else config.nsamples
-    if nsamples < 1:
-        raise UserError(f"--nsamples must be at least 1; got {nsamples}")
-    if config.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1; got {config.batch_size}")
-    layer_ids = parse_layers(config.layers, len(adapter.decoder_layers(model)))
-    _check_nm_width(model, adapter, layer_ids, target)
-    corpus = texts.corpus(config.calib, "train", online=texts.default_online())
-    calib = texts.calibration(tokenizer, corpus, nsamples, seqlen, config.seed)
+    plan = _plan(model, tokenizer, config)
     t_data = time.perf_counter()
-    streamed = io is not None
-    tally = ZeroTally(adapter, layer_ids, io or LayerIO())
-    if not streamed:  # the whole model is here: count now, so layers restored from a checkpoint count too
-        tally.before = model_zeros(model, adapter, layer_ids)
-    local = calib[parallel.shard(calib.shape[0])]  # data parallel: this rank's samples (all of them alone)
+    tally = ZeroTally(plan.adapter, plan.layer_ids, io or LayerIO())
+    if io is None:  # the whole model is here: count now, so layers restored from a checkpoint count too
+        tally.before = model_zeros(model, plan.adapter, plan.layer_ids)
+    local = plan.calib[parallel.shard(plan.calib.shape[0])]  # data parallel: this rank's samples (all, alone)
     activations = _activation_plan(model, local, config)
-    opts = EngineOptions(
-        batch_size=config.batch_size,
-        true_sequential=config.true_sequential,
-        offload_dir=Path(activations["offload_dir"]) if activations["offload_dir"] else None,
-    )
-    chosen = precision.resolve(config.precision, next(p for p in model.parameters() if not p.is_meta).device)
-    calib_sha = tensor_sha256(calib.to(torch.int64))
+    offload = Path(activations["offload_dir"]) if activations["offload_dir"] else None
+    opts = EngineOptions(batch_size=config.batch_size, true_sequential=config.true_sequential, offload_dir=offload)
+    calib_sha = tensor_sha256(plan.calib.to(torch.int64))
     checkpoint = None
     if checkpoint_dir is not None:
-        run = {**asdict(config), "seqlen": seqlen, "nsamples": nsamples, "layers": layer_ids, "precision": chosen.name}
+        run = {**asdict(config), "seqlen": plan.seqlen, "nsamples": plan.nsamples, "layers": plan.layer_ids,
+               "precision": plan.precision.name}  # fmt: skip
         checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model, run, calib_sha), checkpoint_every)
     resumed = checkpoint is not None and checkpoint.exists()
-    with precision.using(chosen):
-        logs = prune_model(model, adapter, method, target, local, set(layer_ids), opts, progress, checkpoint, tally)
-    if not streamed:
-        tally.after = model_zeros(model, adapter, layer_ids)
-    t_prune = time.perf_counter()
+    with precision.using(plan.precision):
+        logs = prune_model(
+            model, plan.adapter, plan.method, plan.target, local, set(plan.layer_ids), opts, progress, checkpoint, tally
+        )
+    if io is None:
+        tally.after = model_zeros(model, plan.adapter, plan.layer_ids)
+    timing = {"data_s": t_data - t_start, "prune_s": time.perf_counter() - t_data}
+    extra = {"resumed": resumed, "activations": activations, "tokens_sha256": calib_sha}
+    return _report(model, config, plan, logs, tally, timing, extra)
+
+
+def _report(model: nn.Module, config: PruneConfig, plan: _Plan, logs, tally: ZeroTally, timing: dict, extra: dict):
     events = [e for log in logs for e in log.events]
     return Report(
         method=config.method,
-        protocol=proto.name,
+        protocol=plan.proto.name,
         config={
             **asdict(config),
-            "seqlen": seqlen,
-            "nsamples": nsamples,
-            "layers_pruned": layer_ids,
-            "layers_total": len(adapter.decoder_layers(model)),
-            "family": adapter.family,
-            "resumed": resumed,
+            "seqlen": plan.seqlen,
+            "nsamples": plan.nsamples,
+            "layers_pruned": plan.layer_ids,
+            "layers_total": len(plan.adapter.decoder_layers(model)),
+            "family": plan.adapter.family,
+            "resumed": extra["resumed"],
             "ranks": parallel.world(),
-            "activations": activations,
+            "activations": extra["activations"],
         },
-        sparsity=sparsity_summary(tally.before, tally.after, target),
+        sparsity=sparsity_summary(tally.before, tally.after, plan.target),
         layers=[asdict(log) for log in logs],
-        timing={"data_s": t_data - t_start, "prune_s": t_prune - t_data},
+        timing=timing,
         data={
             "calibration": {
-                "name": corpus.name,
-                "source": corpus.source,
-                "sha256": corpus.sha256,
-                "tokens_sha256": calib_sha,
+                "name": plan.corpus.name,
+                "source": plan.corpus.source,
+                "sha256": plan.corpus.sha256,
+                "tokens_sha256": extra["tokens_sha256"],
             }
         },
         events=[asdict(e) for e in events],
         hardening={"events": len(events), **{kind: sum(e.kind == kind for e in events) for kind in EVENT_KINDS}},
         peak_rss_mb=peak_rss_mb(),
         versions=versions(),
-        precision=chosen.as_dict(),
+        precision=plan.precision.as_dict(),
     )
 
 

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from .core import precision
-from .core.errors import UserError, require_free_space
+from .core import parallel
+from .core.errors import UserError
 from .engine import CHECKPOINT_EVERY
 
 EXIT_USAGE = 2
@@ -136,56 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    """Refuse a bad output folder before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)  # `--out runs/x` works in a fresh clone
-    except OSError as e:
-        raise UserError(f"cannot create {parent} ({e.strerror}); choose another --out") from e
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write to {parent}; choose another --out")
-
-
-def _check_space(out: Path, model, copies: int) -> None:
-    """Refuse before pruning, not after, when the output (and the checkpoint beside it) cannot fit."""
-    needed = copies * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**26  # + tokenizer, report
-    require_free_space(out.resolve().parent, needed, f"--out {out}", "free some space or choose another --out")
-
-
-def _disk_full(e: BaseException) -> bool:
-    """ENOSPC, as an OSError or inside safetensors' own error type (which carries only the OS message)."""
-    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
-
-
-@contextlib.contextmanager
-def _output_folder(out: Path):
-    """A temporary sibling of `out` to write into, renamed into place when the block succeeds: an interrupted
-    or failed run never leaves a folder that looks finished."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_report(folder: Path, report: dict) -> None:
-    from .core.files import sha256_file
-    from .plots import write_plots
-
-    report["files_sha256"] = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
-    (folder / "report.json").write_text(json.dumps(report, indent=1))
-    write_plots(report, folder / "plots")
-
-
 def _table(rows: list[dict], columns: list[str]) -> str:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[k]) for row in cells)) for k, c in enumerate(columns)]
@@ -193,21 +138,8 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
-def _datasets(spec: str) -> list[str]:
-    return [d.strip() for d in spec.split(",") if d.strip()]
-
-
-def _zeroshot(args, model, tokenizer) -> tuple[dict, dict]:
-    """(report entry, data provenance) of the --tasks run through lm-eval."""
-    from .data.texts import default_online
-    from .eval import zeroshot
-
-    tasks = zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
-    results, provenance = zeroshot.evaluate_zeroshot(
-        model, tokenizer, tasks, args.limit, online=default_online(), hellaswag_file=args.hellaswag_file,
-        precision_name=args.precision,
-    )  # fmt: skip
-    return zeroshot.summary(results, args.limit), provenance
+def _datasets(spec: str) -> tuple[str, ...]:
+    return tuple(d.strip() for d in spec.split(",") if d.strip())
 
 
 def _with_stderr(result: dict, metric: str) -> str:
@@ -230,8 +162,8 @@ def _bytes(text: str) -> int:
         value = float(number) * units[text.upper().removesuffix("B")[len(number) :]]
     except (KeyError, ValueError):
         raise UserError(f"--max-memory {text!r}: give a size such as 8GB or 512MiB") from None
-    if value <= 0:
-        raise UserError("--max-memory must be positive")
+    if not value > 0 or value == float("inf"):
+        raise UserError("--max-memory must be a positive, finite size")
     return int(value)
 
 
@@ -247,158 +179,37 @@ def _method_options(args) -> dict:
     return options
 
 
-def _manifest(args, report) -> dict:
-    """Everything needed to reproduce the run, or to explain why another run differs."""
-    data = {"calibration": report.data["calibration"]["sha256"]}
-    data.update({name: d["sha256"] for name, d in report.data.get("evaluation", {}).items()})
-    return {
-        "command": " ".join(["sparsellm", *sys.argv[1:]]),
-        "cwd": os.getcwd(),
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": args.model,
-        "protocol": report.protocol,
-        "seed": args.seed,
-        "calibration_tokens_sha256": report.data["calibration"]["tokens_sha256"],
-        "data_sha256": data,
-        "versions": report.versions,
-        "resumed": report.config["resumed"],
-    }
+def _model_spec(args):
+    from .pipeline import ModelSpec
+
+    return ModelSpec(args.model, args.device, args.dtype, args.stream)
 
 
-def _prune_config(args):
-    from . import api
-    from .eval import zeroshot
+def _eval_spec(args, datasets: tuple[str, ...]):
+    from .pipeline import EvalSpec
 
-    config = api.PruneConfig(
-        method=args.method,
-        sparsity=args.sparsity,
-        nm=args.nm,
-        protocol=args.protocol,
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        layers=args.layers,
-        true_sequential=args.true_sequential,
-        batch_size=args.batch_size,
-        method_options=_method_options(args),
-        max_memory=_bytes(args.max_memory) if args.max_memory else None,
-        offload_dir=args.offload_dir,
-        precision=args.precision,
-    )
-    config.validate()  # before the slow load
-    api.check_datasets(_datasets(args.eval))
-    zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
-    return config
-
-
-def _checkpoint_dir(args, out: Path) -> Path | None:
-    from .core import parallel
-
-    if not args.checkpoint_every >= 0:  # also NaN
-        raise UserError(f"--checkpoint-every must be 0 or more seconds; got {args.checkpoint_every}")
-    checkpoint_dir = out.with_name(out.name + ".checkpoint")
-    if parallel.world() > 1 or args.stream:
-        if args.resume:
-            raise UserError("--resume works for one process without --stream only (not yet with torchrun or --stream)")
-        return None  # ranks hold different activations; a streamed run has no whole model to restore into
-    if checkpoint_dir.exists() and not args.resume:
-        if not args.overwrite:
-            raise UserError(
-                f"an interrupted run left {checkpoint_dir}; pass --resume to continue it or --overwrite to start over"
-            )
-        shutil.rmtree(checkpoint_dir)
-    return checkpoint_dir
-
-
-def _prune_in_memory(args, config, out: Path, checkpoint_dir: Path | None) -> dict | None:
-    """Load, prune, evaluate and save the whole model; the report (None on ranks other than 0)."""
-    from . import api
-    from .core import parallel
-    from .models import loading
-
-    t0 = time.perf_counter()
-    model, tokenizer = loading.load(args.model, args.device, args.dtype)
-    load_s = time.perf_counter() - t0
-    _check_space(out, model, copies=1 if checkpoint_dir is None else 2)  # the checkpoint holds the pruned layers
-    report = api.prune(model, tokenizer, config, checkpoint_dir=checkpoint_dir, checkpoint_every=args.checkpoint_every)
-    report.timing["load_s"] = load_s
-    if args.eval:
-        t1 = time.perf_counter()
-        report.perplexity, report.data["evaluation"] = api.evaluate(
-            model, tokenizer, _datasets(args.eval), args.protocol, args.seqlen, precision_name=args.precision
-        )
-        report.timing["eval_s"] = time.perf_counter() - t1
-    if args.tasks:
-        t1 = time.perf_counter()
-        report.zeroshot, report.data["zeroshot"] = _zeroshot(args, model, tokenizer)
-        report.timing["zeroshot_s"] = time.perf_counter() - t1
-    report.peak_rss_mb = api.peak_rss_mb()
-    if not parallel.is_main():  # the ranks computed the same model; rank 0 alone writes and reports
-        return None
-    result = _result(args, report)
-    with _output_folder(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_report(tmp, result)
-    return result
-
-
-def _prune_streamed(args, config, out: Path) -> dict:
-    """Prune a model one decoder layer at a time, from its safetensors files into the output folder's."""
-    from . import api
-    from .core import parallel
-    from .models import loading, streaming
-    from .models.adapters import adapter_for
-
-    if parallel.world() > 1 or args.tasks:
-        raise UserError("--stream runs in one process and without --tasks (lm-eval needs the whole model)")
-    t0 = time.perf_counter()
-    model, tokenizer, weights = loading.load_streamed(args.model, args.device, args.dtype)
-    load_s = time.perf_counter() - t0
-    _check_space(out, model, copies=1)
-    with _output_folder(out) as tmp:
-        layers = streaming.StreamedLayers(model, adapter_for(model), weights, out=tmp)
-        report = api.prune(model, tokenizer, config, io=layers)
-        layers.finish()
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        report.timing["load_s"] = load_s
-        if args.eval:  # read the pruned layers back from the folder just written, one at a time
-            t1 = time.perf_counter()
-            pruned, pruned_weights = streaming.load_streamed(tmp, model.dtype, next(model.parameters()).device)
-            report.perplexity, report.data["evaluation"] = api.evaluate(
-                pruned, tokenizer, _datasets(args.eval), args.protocol, args.seqlen,
-                io=streaming.StreamedLayers(pruned, adapter_for(pruned), pruned_weights), precision_name=args.precision,
-            )  # fmt: skip
-            report.timing["eval_s"] = time.perf_counter() - t1
-        report.peak_rss_mb = api.peak_rss_mb()
-        result = _result(args, report)
-        _write_report(tmp, result)
-    return result
-
-
-def _result(args, report) -> dict:
-    result = report.to_dict()
-    result["model"] = args.model
-    result["manifest"] = _manifest(args, report)
-    return result
+    return EvalSpec(datasets, args.tasks, args.limit, args.hellaswag_file, args.protocol, args.seqlen, args.precision)
 
 
 def cmd_prune(args) -> int:
-    out = Path(args.out)
-    _check_output(out, args.overwrite)
-    checkpoint_dir = _checkpoint_dir(args, out)
-    config = _prune_config(args)
-    result = _prune_streamed(args, config, out) if args.stream else _prune_in_memory(args, config, out, checkpoint_dir)
+    from . import api, pipeline
+
+    config = api.PruneConfig(
+        method=args.method, sparsity=args.sparsity, nm=args.nm, protocol=args.protocol, calib=args.calib,
+        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
+        true_sequential=args.true_sequential, batch_size=args.batch_size, method_options=_method_options(args),
+        max_memory=_bytes(args.max_memory) if args.max_memory else None, offload_dir=args.offload_dir,
+        precision=args.precision,
+    )  # fmt: skip
+    output = pipeline.Output(Path(args.out), args.overwrite, args.resume, args.checkpoint_every)
+    result = pipeline.prune(_model_spec(args), config, _eval_spec(args, _datasets(args.eval)), output)
     if result is None:
         return 0
-    if checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the result is in place: the checkpoint has served
     row = {
         "method": result["method"],
         "target": result["sparsity"]["target"],
         "measured": f"{result['sparsity']['measured']:.4f}",
+        "precision": result["precision"]["name"],
         "prune s": f"{result['timing']['prune_s']:.1f}",
         "peak RSS MB": f"{result['peak_rss_mb']:.0f}",
         **{k: f"{v:.2f}" for k, v in result["perplexity"].items()},
@@ -406,41 +217,23 @@ def cmd_prune(args) -> int:
     if result["zeroshot"]:
         row["zero-shot mean acc"] = f"{result['zeroshot']['mean_acc']:.4f} (limit {result['zeroshot']['limit']})"
     print(_table([row], list(row)))
-    print(f"saved {out}/ (report.json inside)")
+    print(f"saved {args.out}/ (report.json inside)")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from . import api
-    from .core import parallel
-    from .eval import zeroshot
-    from .models import loading
+    from . import pipeline
 
     datasets = _datasets(args.datasets if args.datasets is not None else "" if args.tasks else "wikitext2,ptb,c4")
     if not datasets and not args.tasks:
         raise UserError("nothing to evaluate: give --datasets and/or --tasks")
-    api.protocol(args.protocol)
-    precision.check(args.precision)
-    api.check_datasets(datasets)
-    zeroshot.check_request(args.tasks, args.limit, args.hellaswag_file)
-    io = None
-    if args.stream:
-        from .models import streaming
-        from .models.adapters import adapter_for
-
-        if args.tasks:
-            raise UserError("--stream evaluates perplexity only: lm-eval (--tasks) needs the whole model")
-        model, tokenizer, weights = loading.load_streamed(args.model, args.device, args.dtype)
-        io = streaming.StreamedLayers(model, adapter_for(model), weights)
-    else:
-        model, tokenizer = loading.load(args.model, args.device, args.dtype)
-    result = {"model": args.model, "protocol": args.protocol, "perplexity": {}, "zeroshot": {}, "data": {}}
-    if datasets:
-        result["perplexity"], result["data"]["evaluation"] = api.evaluate(
-            model, tokenizer, datasets, args.protocol, args.seqlen, io=io, precision_name=args.precision
-        )
-    if args.tasks:
-        result["zeroshot"], result["data"]["zeroshot"] = _zeroshot(args, model, tokenizer)
+    spec = _eval_spec(args, datasets)
+    spec.check(args.stream)
+    result = {
+        "model": args.model,
+        "protocol": args.protocol,
+        **pipeline.evaluate(pipeline.load(_model_spec(args)), spec),
+    }
     if not parallel.is_main():
         return 0
     if args.json:
@@ -477,20 +270,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from .core import parallel
         from .core.memory import keep_freed_memory
-        from .models.loading import device_for
+        from .pipeline import start_ranks
 
         keep_freed_memory()
         torch.set_num_threads(args.threads or _threads_per_rank())
         if args.command != "inspect":
-            parallel.init_from_env(device_for(args.device))
+            start_ranks(args.device)
         return {"prune": cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
     except UserError as e:
         print(f"sparsellm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:
-        if not _disk_full(e):
+        from .pipeline import disk_full
+
+        if not disk_full(e):
             raise
         print("sparsellm: error: the disk filled up while writing; what was half-written is removed: free some "
               "space or choose another --out (or --offload-dir)", file=sys.stderr)  # fmt: skip
@@ -499,8 +293,6 @@ def main(argv: list[str] | None = None) -> int:
         print("sparsellm: interrupted; nothing was written", file=sys.stderr)
         return 130
     finally:
-        from .core import parallel
-
         parallel.close()
 
 

@@ -1,0 +1,276 @@
+"""One run behind `sparsellm prune` and `sparsellm eval`: load a model (whole, or streamed one decoder layer at a
+time), prune it, evaluate it, and write the result folder atomically. The CLI is argparse and printing around it."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from . import api
+from .core import parallel, precision
+from .core.errors import UserError, require_free_space
+from .core.files import sha256_file
+from .core.types import LayerIO
+
+
+def start_ranks(device: str) -> None:
+    """Join torchrun's process group, if this process was started by it (nothing otherwise)."""
+    from .models.loading import device_for
+
+    parallel.init_from_env(device_for(device))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model, where, in which stored dtype, and whether it is streamed from its safetensors files."""
+
+    name: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What to evaluate: perplexity `datasets`, lm-eval `tasks` (first `limit` items), under a protocol."""
+
+    datasets: tuple[str, ...] = ()
+    tasks: str = ""
+    limit: int | None = None
+    hellaswag_file: Path | None = None
+    protocol: str = "quick"
+    seqlen: int | None = None
+    precision: str = "auto"
+
+    def check(self, stream: bool) -> None:
+        """Every check that needs no model (one-line errors before any slow work)."""
+        from .eval import zeroshot
+
+        api.protocol(self.protocol)
+        api.check_datasets(list(self.datasets))
+        precision.check(self.precision)
+        zeroshot.check_request(self.tasks, self.limit, self.hellaswag_file)
+        if stream and self.tasks:
+            raise UserError("--stream evaluates perplexity only: lm-eval (--tasks) needs the whole model")
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    io: LayerIO | None  # streamed: loads and drops each decoder layer in turn
+    seconds: float
+
+
+def load(spec: ModelSpec, folder: Path | None = None) -> Loaded:
+    """The model (from `folder` instead of its name, for a streamed result just written)."""
+    from .models import loading, streaming
+    from .models.adapters import adapter_for
+
+    t0 = time.perf_counter()
+    if not spec.stream:
+        model, tokenizer = loading.load(spec.name, spec.device, spec.dtype)
+        return Loaded(model, tokenizer, None, time.perf_counter() - t0)
+    model, tokenizer, weights = loading.load_streamed(str(folder or spec.name), spec.device, spec.dtype)
+    return Loaded(
+        model, tokenizer, streaming.StreamedLayers(model, adapter_for(model), weights), time.perf_counter() - t0
+    )
+
+
+def evaluate(loaded: Loaded, spec: EvalSpec) -> dict:
+    """{"perplexity", "zeroshot", "data": {"evaluation", "zeroshot"}, "timing": {"eval_s", "zeroshot_s"}}."""
+    result: dict = {"perplexity": {}, "zeroshot": {}, "data": {}, "timing": {}}
+    if spec.datasets:
+        t0 = time.perf_counter()
+        result["perplexity"], result["data"]["evaluation"] = api.evaluate(
+            loaded.model, loaded.tokenizer, list(spec.datasets), spec.protocol, spec.seqlen, io=loaded.io,
+            precision_name=spec.precision,
+        )  # fmt: skip
+        result["timing"]["eval_s"] = time.perf_counter() - t0
+    if spec.tasks:
+        t0 = time.perf_counter()
+        result["zeroshot"], result["data"]["zeroshot"] = _zeroshot(loaded, spec)
+        result["timing"]["zeroshot_s"] = time.perf_counter() - t0
+    return result
+
+
+def _zeroshot(loaded: Loaded, spec: EvalSpec) -> tuple[dict, dict]:
+    """(report entry, data provenance) of the lm-eval tasks."""
+    from .data.texts import default_online
+    from .eval import zeroshot
+
+    tasks = zeroshot.check_request(spec.tasks, spec.limit, spec.hellaswag_file)
+    results, provenance = zeroshot.evaluate_zeroshot(
+        loaded.model, loaded.tokenizer, tasks, spec.limit, online=default_online(), hellaswag_file=spec.hellaswag_file,
+        precision_name=spec.precision,
+    )  # fmt: skip
+    return zeroshot.summary(results, spec.limit), provenance
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where a pruned model goes, and what may happen to what is there."""
+
+    folder: Path
+    overwrite: bool = False
+    resume: bool = False
+    checkpoint_every: float = api.CHECKPOINT_EVERY
+
+    def check(self) -> None:
+        """Refuse a bad output folder before any work is done."""
+        out = self.folder
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()) and not self.overwrite:
+            raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
+        parent = out.resolve().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)  # `--out runs/x` works in a fresh clone
+        except OSError as e:
+            raise UserError(f"cannot create {parent} ({e.strerror}); choose another --out") from e
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"cannot write to {parent}; choose another --out")
+        if not self.checkpoint_every >= 0:  # also NaN
+            raise UserError(f"--checkpoint-every must be 0 or more seconds; got {self.checkpoint_every}")
+
+    def checkpoint_dir(self, stream: bool) -> Path | None:
+        """OUT.checkpoint for a resumable run (one process, in memory), after dealing with a leftover one."""
+        checkpoint_dir = self.folder.with_name(self.folder.name + ".checkpoint")
+        if parallel.world() > 1 or stream:
+            if self.resume:
+                raise UserError(
+                    "--resume works for one process without --stream only (not yet with torchrun or --stream)"
+                )
+            return None  # ranks hold different activations; a streamed run has no whole model to restore into
+        if checkpoint_dir.exists() and not self.resume:
+            if not self.overwrite:
+                advice = "pass --resume to continue it or --overwrite to start over"
+                raise UserError(f"an interrupted run left {checkpoint_dir}; {advice}")
+            shutil.rmtree(checkpoint_dir)
+        return checkpoint_dir
+
+    def check_space(self, model: nn.Module, copies: int) -> None:
+        """Refuse before pruning, not after, when the output (and a checkpoint beside it) cannot fit."""
+        needed = copies * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**26  # + tokenizer, report
+        require_free_space(
+            self.folder.resolve().parent, needed, f"--out {self.folder}", "free some space or choose another --out"
+        )
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A temporary sibling of the folder to write into, renamed into place when the block succeeds: an
+        interrupted or failed run never leaves a folder that looks finished."""
+        out = self.folder
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+        try:
+            yield tmp
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def disk_full(e: BaseException) -> bool:
+    """ENOSPC, as an OSError or inside safetensors' own error type (which carries only the OS message)."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+
+
+def prune(spec: ModelSpec, config: api.PruneConfig, evals: EvalSpec, output: Output) -> dict | None:
+    """Load, prune, evaluate and save; the report as written (None on ranks other than 0)."""
+    config.validate()
+    evals.check(spec.stream)
+    output.check()
+    if spec.stream and parallel.world() > 1:
+        raise UserError("--stream runs in one process (not under torchrun)")
+    checkpoint_dir = output.checkpoint_dir(spec.stream)
+    report = (
+        _prune_streamed(spec, config, evals, output)
+        if spec.stream
+        else _prune_in_memory(spec, config, evals, output, checkpoint_dir)
+    )
+    if report is not None and checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the result is in place: the checkpoint has served
+    return report
+
+
+def _prune_in_memory(spec, config, evals: EvalSpec, output: Output, checkpoint_dir: Path | None) -> dict | None:
+    loaded = load(spec)
+    output.check_space(loaded.model, copies=1 if checkpoint_dir is None else 2)  # the checkpoint holds pruned layers
+    report = api.prune(
+        loaded.model, loaded.tokenizer, config, checkpoint_dir=checkpoint_dir, checkpoint_every=output.checkpoint_every
+    )
+    _add_evaluation(report, loaded, evals)
+    if not parallel.is_main():  # the ranks computed the same model; rank 0 alone writes and reports
+        return None
+    with output.writing() as tmp:
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        return _write_report(tmp, report, spec)
+
+
+def _prune_streamed(spec, config, evals: EvalSpec, output: Output) -> dict:
+    """Prune from the model's safetensors files into the output folder's, one decoder layer at a time."""
+    from .models import streaming
+    from .models.adapters import adapter_for
+
+    loaded = load(spec)
+    output.check_space(loaded.model, copies=1)
+    with output.writing() as tmp:
+        layers = streaming.StreamedLayers(loaded.model, adapter_for(loaded.model), loaded.io.weights, out=tmp)
+        report = api.prune(loaded.model, loaded.tokenizer, config, io=layers)
+        layers.finish()
+        loaded.model.config.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        pruned = load(spec, folder=tmp) if evals.datasets else loaded  # read back one layer at a time
+        _add_evaluation(report, Loaded(pruned.model, loaded.tokenizer, pruned.io, loaded.seconds), evals)
+        return _write_report(tmp, report, spec)
+
+
+def _add_evaluation(report: api.Report, loaded: Loaded, evals: EvalSpec) -> None:
+    evaluated = evaluate(loaded, evals)
+    report.perplexity, report.zeroshot = evaluated["perplexity"], evaluated["zeroshot"]
+    report.data.update(evaluated["data"])
+    report.timing.update(load_s=loaded.seconds, **evaluated["timing"])
+    report.peak_rss_mb = api.peak_rss_mb()
+
+
+def _write_report(folder: Path, report: api.Report, spec: ModelSpec) -> dict:
+    from .plots import write_plots
+
+    report.model = spec.name
+    report.manifest = manifest(report)
+    report.files_sha256 = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
+    result = report.to_dict()
+    (folder / "report.json").write_text(json.dumps(result, indent=1))
+    write_plots(result, folder / "plots")
+    return result
+
+
+def manifest(report: api.Report) -> dict:
+    """Everything needed to reproduce the run, or to explain why another run differs."""
+    data = {"calibration": report.data["calibration"]["sha256"]}
+    data.update({name: d["sha256"] for name, d in report.data.get("evaluation", {}).items()})
+    return {
+        "command": " ".join(["sparsellm", *sys.argv[1:]]),
+        "cwd": os.getcwd(),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": report.model,
+        "protocol": report.protocol,
+        "seed": report.config["seed"],
+        "calibration_tokens_sha256": report.data["calibration"]["tokens_sha256"],
+        "data_sha256": data,
+        "versions": report.versions,
+        "resumed": report.config["resumed"],
+    }
