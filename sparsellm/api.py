@@ -65,6 +65,8 @@ def parse_nm(text: str) -> Target:
         n, m = (int(v) for v in text.split(":"))
     except ValueError as e:
         raise UserError(f"--nm must look like N:M (e.g. 2:4, N of every M weights zeroed); got '{text}'") from e
+    if not 0 < n < m:
+        raise UserError(f"N:M needs 0 < N < M (N of every M weights are zeroed); got {text}")
     return Target(n=n, m=m)
 
 
@@ -254,6 +256,7 @@ def _plan(model: nn.Module, tokenizer, config: PruneConfig) -> _Plan:
         raise UserError(f"--batch-size must be at least 1; got {config.batch_size}")
     layer_ids = parse_layers(config.layers, len(adapter.decoder_layers(model)))
     _check_nm_width(model, adapter, layer_ids, target)
+    _check_fits(model, adapter, method, nsamples * seqlen)
     chosen = precision.resolve(config.precision, next(p for p in model.parameters() if not p.is_meta).device)
     corpus = texts.corpus(config.calib, "train", online=texts.default_online())
     calib = texts.calibration(tokenizer, corpus, nsamples, seqlen, config.seed)
@@ -360,6 +363,21 @@ def _activation_plan(model: nn.Module, local: torch.Tensor, config: PruneConfig)
     return {"bytes": nbytes, "max_memory": limit, "offload_dir": str(folder) if offload else None}
 
 
+def _check_fits(model: nn.Module, adapter: Adapter, method, tokens: int) -> None:
+    """Refuse, before anything is allocated, calibration whose in-RAM part cannot fit this machine's memory: the
+    token ids (8 bytes a token) and a joint-MLP method's auxiliaries ((2f + 3d) x 4 bytes a token). The layer
+    activations can go to disk (--max-memory) and are checked against the disk later."""
+    d = model.config.hidden_size
+    f = adapter.mlp(adapter.decoder_layers(model)[0]).up.out_features
+    needed = tokens * (8 + ((2 * f + 3 * d) * 4 if method.joint_mlp else 0))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > ram:
+        raise UserError(
+            f"{tokens} calibration tokens need about {needed / 2**30:.1f} GiB of RAM, and this machine has "
+            f"{ram / 2**30:.1f} GiB; use fewer --nsamples (or a shorter --seqlen)"
+        )
+
+
 def _check_nm_width(model: nn.Module, adapter: Adapter, layer_ids: list[int], target: Target) -> None:
     """N:M groups run along a matrix's inputs, so M must divide every pruned matrix's input width."""
     if not target.is_nm:
@@ -382,12 +400,15 @@ def _fingerprint(model: nn.Module, run: dict, calib_sha: str) -> dict:
     """What must be equal for a checkpoint to be resumed: the arguments, the data and the model's weights."""
     from .core import __version__
 
-    embedding = model.get_input_embeddings().weight
+    weights = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return {
         **run,
         "calibration_tokens": calib_sha,
         "model": f"{type(model).__name__} {sum(p.numel() for p in model.parameters())} params",
-        "embedding_sha256": tensor_sha256(embedding.float()),
+        "weights_sha256": weights.hexdigest(),  # the content, so a model changed in place is not resumed
         "sparsellm": __version__,
     }
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from .core import parallel
 from .core.errors import UserError
+from .core.files import strict_json
 from .engine import CHECKPOINT_EVERY
 
 EXIT_USAGE = 2
@@ -60,10 +60,20 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsellm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    parser.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and save it with report.json")
@@ -237,7 +247,7 @@ def cmd_eval(args) -> int:
     if not parallel.is_main():
         return 0
     if args.json:
-        print(json.dumps(result, indent=1))
+        print(strict_json(result))
         return 0
     if datasets:
         ppl = {k: f"{v:.3f}" for k, v in result["perplexity"].items()}

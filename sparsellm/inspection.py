@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .core.errors import UserError
+from .core.errors import UserError, reading
 from .core.files import sha256_file
 
 
@@ -34,13 +34,13 @@ def _tensors(folder: Path) -> dict[str, tuple[Path, str]]:
         raise UserError(f"{folder} holds no .safetensors files")
     index = {}
     for f in files:
-        with safe_open(f, "pt") as st:
+        with reading(f"the safetensors file {f}"), safe_open(f, "pt") as st:
             index.update({k: (f, k) for k in st.keys()})  # noqa: SIM118 (safe_open is not a mapping)
     return index
 
 
 def _load(where: tuple[Path, str]) -> torch.Tensor:
-    with safe_open(where[0], "pt") as st:
+    with reading(f"the safetensors file {where[0]}"), safe_open(where[0], "pt") as st:
         return st.get_tensor(where[1])
 
 
@@ -50,43 +50,93 @@ def nm_valid(weight: torch.Tensor, n: int, m: int) -> bool:
     return cols % m == 0 and bool(((weight.reshape(rows, cols // m, m) == 0).sum(-1) >= n).all())
 
 
-def inspect_folder(folder: Path) -> tuple[bool, str]:
+def _read_report(folder: Path) -> dict:
     report_path = folder / "report.json"
     if not report_path.is_file():
         raise UserError(f"{folder} has no report.json; is it a folder written by `sparsellm prune`?")
-    report = json.loads(report_path.read_text())
-    tensors = _tensors(folder)
+    with reading(f"{report_path} (damaged?)"):
+        report = json.loads(report_path.read_text())
+        for key in ("method", "protocol", "sparsity", "config"):
+            report[key]  # noqa: B018 (every figure inspect checks hangs off these)
+        report["sparsity"]["per_matrix"].items()
+    return report
+
+
+def _measure(folder: Path, report: dict) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """{matrix: (numel, zeros)} recomputed from the tensors, and what disagrees with the report's entries."""
+    tensors, problems, measured = _tensors(folder), [], {}
     target = report["sparsity"]["target"]
     nm = tuple(int(v) for v in target.split(":")) if ":" in target else None
-    per_layer: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    problems = _check_files(folder, report)
     for name, rec in report["sparsity"]["per_matrix"].items():
         key = next((k for k in tensors if k.endswith(f"{name}.weight")), None)
         if key is None:
             problems.append(f"{name}: tensor missing")
             continue
         w = _load(tensors[key])
-        zeros = int((w == 0).sum())
-        if zeros != rec["zeros"]:
-            problems.append(f"{name}: {zeros} zeros on disk, report says {rec['zeros']}")
+        numel, zeros = w.numel(), int((w == 0).sum())
+        measured[name] = (numel, zeros)
+        if (numel, zeros) != (rec.get("numel"), rec.get("zeros")) or rec.get("measured") != zeros / numel:
+            problems.append(f"{name}: {zeros} of {numel} zero on disk; the report says {rec.get('zeros')} of "
+                            f"{rec.get('numel')} ({rec.get('measured')})")  # fmt: skip
         if nm and not nm_valid(w, *nm):
             problems.append(f"{name}: not a valid {target} pattern")
-        layer = int(name.split(".")[1])
-        per_layer[layer][0] += zeros
-        per_layer[layer][1] += w.numel()
+    return measured, problems
+
+
+def _fraction(target: str) -> float:
+    with reading(f"the report's target {target!r}"):
+        return int(target.split(":")[0]) / int(target.split(":")[1]) if ":" in target else float(target)
+
+
+def _check_summary(report: dict, measured: dict[str, tuple[int, int]]) -> list[str]:
+    """The report's overall figures against the ones recomputed from the tensors."""
+    sparsity, problems = report["sparsity"], []
+    total, zeros = sum(n for n, _ in measured.values()), sum(z for _, z in measured.values())
+    overall = zeros / max(total, 1)
+    if sparsity.get("measured") != overall or sparsity.get("kept_over_total") != f"{total - zeros}/{total}":
+        problems.append(f"overall: {overall:.6f} ({total - zeros}/{total} kept) on disk; the report says "
+                        f"{sparsity.get('measured')} ({sparsity.get('kept_over_total')})")  # fmt: skip
+    target = sparsity["target"]
+    fraction = _fraction(target)
+    if sparsity.get("target_fraction") != fraction:
+        problems.append(
+            f"target: {target} is a fraction of {fraction}, the report says {sparsity.get('target_fraction')}"
+        )
+    if overall < fraction - 1e-4:
+        problems.append(f"target not met: {overall:.6f} of the pruned matrices are zero, the target is {target}")
+    layers = sorted({int(name.split(".")[1]) for name in sparsity["per_matrix"]})
+    if layers != sorted(report["config"].get("layers_pruned", [])):
+        problems.append(f"layers pruned: the matrices are of layers {layers}, the report says "
+                        f"{report['config'].get('layers_pruned')}")  # fmt: skip
+    return problems
+
+
+def inspect_folder(folder: Path) -> tuple[bool, str]:
+    """(everything agrees, the text to print): every figure printed is recomputed from the tensors."""
+    report = _read_report(folder)
+    measured, problems = _measure(folder, report)
+    problems = _check_files(folder, report) + problems + _check_summary(report, measured)
+    per_layer: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for name, (numel, zeros) in measured.items():
+        per_layer[int(name.split(".")[1])][0] += zeros
+        per_layer[int(name.split(".")[1])][1] += numel
+    total, zeros = sum(n for n, _ in measured.values()), sum(z for _, z in measured.values())
+    target = report["sparsity"]["target"]
+    layers = sorted(per_layer)
     lines = [
         f"model: {report.get('model')}  method: {report['method']}  target: {target}  protocol: {report['protocol']}",
-        f"layers pruned: {report['config']['layers_pruned'][0]}..{report['config']['layers_pruned'][-1]} "
-        f"of {report['config']['layers_total']}  measured sparsity: {report['sparsity']['measured']:.4f} "
-        f"(dense zeros {report['sparsity']['dense_zeros']:.4f}; kept/total {report['sparsity']['kept_over_total']})",
+        f"layers pruned: {layers[0] if layers else '-'}..{layers[-1] if layers else '-'} of "
+        f"{report['config'].get('layers_total')}  measured sparsity: {zeros / max(total, 1):.4f} (kept/total "
+        f"{total - zeros}/{total})",
         "layer  sparsity",
     ]
-    for layer, (z, n) in sorted(per_layer.items()):
-        lines.append(f"{layer:5d}  {z / n:.4f}")
+    lines += [f"{layer:5d}  {z / n:.4f}" for layer, (z, n) in sorted(per_layer.items())]
     if report.get("perplexity"):
-        lines.append("perplexity: " + ", ".join(f"{k} {v:.3f}" for k, v in report["perplexity"].items()))
+        lines.append(
+            "perplexity (from the report): " + ", ".join(f"{k} {v:.3f}" for k, v in report["perplexity"].items())
+        )
     lines.append("manifest: " + json.dumps(report.get("manifest", {}), indent=1))
     lines += [f"MISMATCH {p}" for p in problems] or [
-        "OK: file checksums and tensors match the report" + (f" and are valid {target}" if nm else "")
+        "OK: file checksums and tensors match the report" + (f" and are valid {target}" if ":" in target else "")
     ]
     return not problems, "\n".join(lines)

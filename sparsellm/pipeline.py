@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
+import fcntl
 import os
 import shutil
 import sys
@@ -19,7 +19,7 @@ from torch import nn
 from . import api
 from .core import parallel, precision
 from .core.errors import UserError, require_free_space
-from .core.files import sha256_file
+from .core.files import sha256_file, strict_json
 from .core.types import LayerIO
 
 
@@ -127,12 +127,24 @@ class Output:
     checkpoint_every: float = api.CHECKPOINT_EVERY
 
     def check(self) -> None:
-        """Refuse a bad output folder before any work is done."""
+        """Refuse a bad output folder before any work is done. `--overwrite` replaces only a folder this tool
+        wrote (its report.json is there), never a link, the working folder or a parent of it, home or root."""
         out = self.folder
+        if out.is_symlink():
+            raise UserError(f"--out {out} is a symbolic link; give the folder it points to, or another --out")
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} exists and is not a folder")
-        if out.is_dir() and any(out.iterdir()) and not self.overwrite:
-            raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
+        if len(out.resolve().name) > 200:
+            raise UserError(f"--out {out}: a folder name of at most 200 characters, please")
+        resolved, cwd = out.resolve(), Path.cwd().resolve()
+        if resolved in (cwd, *cwd.parents, Path.home().resolve()):
+            raise UserError(f"--out {out} is the working folder, one of its parents or home; give a new folder")
+        if out.is_dir() and any(out.iterdir()):
+            if not self.overwrite:
+                raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
+            if not (out / "report.json").is_file():
+                raise UserError(f"--out {out} holds files sparsellm did not write (no report.json): it is not "
+                                "replaced; choose another --out")  # fmt: skip
         parent = out.resolve().parent
         try:
             parent.mkdir(parents=True, exist_ok=True)  # `--out runs/x` works in a fresh clone
@@ -156,6 +168,9 @@ class Output:
             if not self.overwrite:
                 advice = "pass --resume to continue it or --overwrite to start over"
                 raise UserError(f"an interrupted run left {checkpoint_dir}; {advice}")
+            ours = checkpoint_dir.is_dir() and not checkpoint_dir.is_symlink()
+            if not ours or any(not _checkpoint_file(f.name) for f in checkpoint_dir.iterdir()):
+                raise UserError(f"{checkpoint_dir} holds files sparsellm did not write: it is not removed")
             shutil.rmtree(checkpoint_dir)
         return checkpoint_dir
 
@@ -182,6 +197,33 @@ class Output:
             raise
 
 
+def _checkpoint_file(name: str) -> bool:
+    """A name the checkpoint writes (engine/checkpoint.py), or one of its atomic writes' temporaries."""
+    return name.startswith(("state.pt", "layer_"))
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path):
+    """Hold an exclusive lock on `folder` (a lock file beside it) for the block: a second run writing the same
+    --out, or its checkpoint, is refused in one line instead of both printing "saved" over each other."""
+    if not parallel.is_main():  # rank 0 alone writes
+        yield
+        return
+    lock = folder.resolve().parent / f".{folder.name}.lock"
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy = f"another sparsellm run is writing --out {folder}; wait for it or choose another --out"
+            raise UserError(busy) from None
+        yield
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+    finally:
+        os.close(fd)
+
+
 def disk_full(e: BaseException) -> bool:
     """ENOSPC, as an OSError or inside safetensors' own error type (which carries only the OS message)."""
     return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
@@ -194,14 +236,15 @@ def prune(spec: ModelSpec, config: api.PruneConfig, evals: EvalSpec, output: Out
     output.check()
     if spec.stream and parallel.world() > 1:
         raise UserError("--stream runs in one process (not under torchrun)")
-    checkpoint_dir = output.checkpoint_dir(spec.stream)
-    report = (
-        _prune_streamed(spec, config, evals, output)
-        if spec.stream
-        else _prune_in_memory(spec, config, evals, output, checkpoint_dir)
-    )
-    if report is not None and checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the result is in place: the checkpoint has served
+    with _exclusive(output.folder):
+        output.check()  # again, now that no other run can change it
+        checkpoint_dir = output.checkpoint_dir(spec.stream)
+        if spec.stream:
+            report = _prune_streamed(spec, config, evals, output)
+        else:
+            report = _prune_in_memory(spec, config, evals, output, checkpoint_dir)
+        if report is not None and checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the result is in place: the checkpoint has served
     return report
 
 
@@ -253,7 +296,7 @@ def _write_report(folder: Path, report: api.Report, spec: ModelSpec) -> dict:
     report.manifest = manifest(report)
     report.files_sha256 = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
     result = report.to_dict()
-    (folder / "report.json").write_text(json.dumps(result, indent=1))
+    (folder / "report.json").write_text(strict_json(result))
     write_plots(result, folder / "plots")
     return result
 

@@ -1,7 +1,8 @@
-"""The one exception type the CLI turns into a one-line message (exit status 2), and a check that raises it."""
+"""The one exception type the CLI turns into a one-line message (exit status 2), and the checks that raise it."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -17,3 +18,18 @@ def require_free_space(folder: Path, needed: int, what: str, advice: str) -> Non
         raise UserError(
             f"{what} needs about {needed / 2**20:.0f} MB on its disk, which has {free / 2**20:.0f} MB free; {advice}"
         )
+
+
+@contextlib.contextmanager
+def reading(what: str):
+    """Any error of the readers below (transformers, safetensors, gguf, json, pickle) as one line naming `what`.
+
+    Only around reading a user's files: what fails there is the file, not sparsellm.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot read {what}: {first[:300]}") from e

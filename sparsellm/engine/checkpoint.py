@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.errors import UserError
+from ..core.files import sha256_file
 from ..models.adapters import Adapter
 from . import CHECKPOINT_EVERY
 
@@ -45,6 +46,7 @@ class Checkpoint:
         self.state_path = self.folder / "state.pt"
         self.every, self.written = every, time.monotonic()
         self.pending: list[tuple[int, nn.Module]] = []  # pruned layers done since the last write
+        self.hashes: dict[str, str] = {}  # sha256 of every layer file written, checked on resume
 
     def exists(self) -> bool:
         return self.state_path.is_file()
@@ -61,8 +63,11 @@ class Checkpoint:
         self.folder.mkdir(parents=True, exist_ok=True)
         for i, done in self.pending:
             weights = {path: lin.weight.data.contiguous() for path, lin in adapter.linears(done).items()}
-            _atomic(self.folder / f"layer_{i:04d}.safetensors", lambda p, w=weights: save_file(w, p))
-        state = {"fingerprint": self.fingerprint, "done": index, "x": x_next, "logs": [asdict(g) for g in logs]}
+            path = self.folder / f"layer_{i:04d}.safetensors"
+            _atomic(path, lambda p, w=weights: save_file(w, p))
+            self.hashes[path.name] = sha256_file(path)
+        state = {"fingerprint": self.fingerprint, "done": index, "x": x_next, "logs": [asdict(g) for g in logs],
+                 "files_sha256": dict(self.hashes)}  # fmt: skip
         _atomic(self.state_path, lambda p: torch.save(state, p))
         self.pending, self.written = [], time.monotonic()
 
@@ -78,8 +83,13 @@ class Checkpoint:
                 f"the checkpoint in {self.folder} is from a run with other arguments (differs in: "
                 f"{', '.join(differs)}); repeat that run's arguments or delete the folder"
             )
+        self.hashes = state.get("files_sha256", {})
         for log in state["logs"]:
-            saved = load_file(self.folder / f"layer_{log['index']:04d}.safetensors")
+            path = self.folder / f"layer_{log['index']:04d}.safetensors"
+            if not path.is_file() or self.hashes.get(path.name) != sha256_file(path):
+                raise UserError(f"the checkpoint file {path} is missing or was changed after it was written; "
+                                f"delete {self.folder} and start over")  # fmt: skip
+            saved = load_file(path)
             for path, lin in adapter.linears(decoder[log["index"]]).items():
                 lin.weight.data.copy_(saved[path])
         return state["done"] + 1, state["x"], state["logs"]

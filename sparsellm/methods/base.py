@@ -27,10 +27,10 @@ class Target:
     m: int = 0
 
     def __post_init__(self):
-        if self.m:
+        if self.m or self.n:
             if not (0 < self.n < self.m):
                 raise UserError(f"N:M needs 0 < N < M (N of every M weights are zeroed); got {self.n}:{self.m}")
-        elif not (0.0 <= self.sparsity < 1.0):
+        elif not (0.0 <= self.sparsity < 1.0):  # also refuses NaN
             raise UserError(f"sparsity must be in [0, 1); got {self.sparsity}")
 
     @property

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import UserError
+from ..core.errors import UserError, reading
 from ..core.files import sha256_file
 from ..core.memory import return_freed_memory
 
@@ -116,12 +116,15 @@ def _dequantise(path: Path, folder: Path) -> None:
     """Write the GGUF's model, dequantised to fp32, and its tokenizer as a Hugging Face folder."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(gguf_file=path.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path.parent, **kwargs), dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
+    kwargs = dict(gguf_file=path.name, trust_remote_code=False)
+    with reading(f"the GGUF file {path}"):
+        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+        config = AutoConfig.from_pretrained(path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+        model.load_state_dict(gguf_model.state_dict())
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(path.parent, **kwargs).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def resolve(name_or_path: str) -> Path | str:
@@ -174,11 +177,12 @@ def load(name_or_path: str, device: str = "cpu", dtype: str = "float32"):
 
     target_device, target_dtype = device_for(device), dtype_for(dtype)
     source = resolve(name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=target_dtype)
-    except OSError as e:
-        raise UserError(f"cannot load model '{name_or_path}': {str(e).splitlines()[0]}") from e
+    with reading(f"model '{name_or_path}'"):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=target_dtype, trust_remote_code=False, output_loading_info=True
+        )
+    _check_complete(name_or_path, info)
     embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > embeddings:
         raise UserError(
@@ -199,9 +203,20 @@ def load_streamed(name_or_path: str, device: str = "cpu", dtype: str = "float32"
     source = resolve(name_or_path)
     if not isinstance(source, Path):
         raise UserError(f"--stream reads local safetensors files; download {name_or_path} to a folder first")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as e:
-        raise UserError(f"cannot load the tokenizer of '{name_or_path}': {str(e).splitlines()[0]}") from e
-    model, weights = build(source, dtype_for(dtype), device_for(device))
+    with reading(f"model '{name_or_path}'"):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model, weights = build(source, dtype_for(dtype), device_for(device))
     return model, tokenizer, weights
+
+
+def _check_complete(name: str, info: dict) -> None:
+    """Refuse weights that do not fill the model: transformers would initialise the gaps at random."""
+    for key, what in (
+        ("missing_keys", "lacks"),
+        ("unexpected_keys", "has unexpected"),
+        ("mismatched_keys", "has wrong"),
+    ):
+        found = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or [])
+        if found:
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise UserError(f"model '{name}' {what} tensors ({shown}): its weight files do not match its config")

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..core.errors import UserError
+from ..core.errors import UserError, reading
 from ..core.memory import map_large_blocks
 from ..core.types import LayerIO
 from .adapters import Adapter
@@ -37,6 +37,26 @@ class SafetensorsWeights:
         else:
             raise UserError(f"{folder} has no safetensors weights; streaming needs model.safetensors (or shards)")
 
+    def check_against(self, expected: dict[str, torch.Tensor], optional: set[str]) -> None:
+        """Refuse files that lack a tensor of the model, hold one it does not have, or one of another shape
+        (read from the files' headers only), before any layer is pruned."""
+        missing = sorted(k for k in expected if k not in self.files and k not in optional)
+        unexpected = sorted(k for k in self.files if k not in expected)
+        for names, what in ((missing, "lack"), (unexpected, "hold unexpected")):
+            if names:
+                more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                raise UserError(f"the model's safetensors files {what} tensors ({', '.join(names[:3])}{more})")
+        by_file: dict[Path, list[str]] = {}
+        for name, file in self.files.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in by_file.items():
+            with reading(f"the safetensors file {file}"), safe_open(file, "pt") as f:
+                for name in names:
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != tuple(expected[name].shape):
+                        raise UserError(f"{file.name}: {name} has shape {shape}, the model's config says "
+                                        f"{tuple(expected[name].shape)}")  # fmt: skip
+
     def load(self, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
         for name in names:
@@ -45,7 +65,7 @@ class SafetensorsWeights:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for file, keys in by_file.items():
-            with safe_open(file, "pt") as f:
+            with reading(f"the safetensors file {file}"), safe_open(file, "pt") as f:
                 for key in keys:
                     out[key] = f.get_tensor(key).to(device=device, dtype=dtype)
         return out
@@ -70,7 +90,8 @@ class StreamedLayers(LayerIO):
     def enter(self, i: int, layer: nn.Module) -> None:
         names = [self.prefixes[i] + k for k in layer.state_dict()]
         tensors = self.weights.load(names, self.param.dtype, self.param.device)
-        layer.load_state_dict({k[len(self.prefixes[i]) :]: v for k, v in tensors.items()}, assign=True)
+        with reading(f"decoder layer {i} of the model's safetensors files"):  # e.g. a tensor of the wrong shape
+            layer.load_state_dict({k[len(self.prefixes[i]) :]: v for k, v in tensors.items()}, assign=True)
 
     def leave(self, i: int, layer: nn.Module) -> None:
         if self.out is not None:
@@ -100,13 +121,15 @@ def load_streamed(folder: Path, dtype: torch.dtype, device: torch.device) -> tup
 
     from .adapters import adapter_for
 
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     weights = SafetensorsWeights(folder)
+    tied = getattr(config, "tie_word_embeddings", False)
+    weights.check_against(model.state_dict(), optional={"lm_head.weight"} if tied else set())
     layers = tuple(layer_prefixes(model, adapter_for(model)))
     outer = [k for k in model.state_dict() if not k.startswith(layers)]
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         outer = [k for k in outer if k != "lm_head.weight" or k in weights.files]
     model.load_state_dict(weights.load(outer, dtype, device), strict=False, assign=True)
     model.tie_weights()
