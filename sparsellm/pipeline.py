@@ -212,15 +212,18 @@ def _exclusive(folder: Path):
     lock = folder.resolve().parent / f".{folder.name}.lock"
     fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            busy = f"another sparsellm run is writing --out {folder}; wait for it or choose another --out"
-            raise UserError(busy) from None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(lock).st_ino:  # the holder finished and unlinked it as we opened it
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
+        os.close(fd)
+        busy = f"another sparsellm run is writing --out {folder}; wait for it or choose another --out"
+        raise UserError(busy) from None
+    try:
         yield
-        with contextlib.suppress(OSError):
-            os.unlink(lock)
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still held: a run waiting on this file then finds it gone and makes its own
         os.close(fd)
 
 
