@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sparsellm import api
+from sparsellm import api, cli
 from sparsellm.core.errors import UserError
 from sparsellm.core.files import strict_json
 
@@ -142,6 +144,11 @@ def test_unreadable_model_files_are_one_line(tmp_path, tiny_folder):
     assert refused(run("prune", str(unknown), *TINY_RUN, "--out", str(tmp_path / "c")), "cannot read")
     (unknown / "config.json").write_text("{not json")
     assert refused(run("prune", str(unknown), *TINY_RUN, "--out", str(tmp_path / "d")), "cannot read")
+    pickled = copy_of(tiny_folder, tmp_path, "pickled")  # weights as a pickle, the format that can run code
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    r = run("prune", str(pickled), *TINY_RUN, "--out", str(tmp_path / "e"))
+    assert "Traceback" not in r.stderr and (r.returncode == 0 or refused(r, "")), r.stderr
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
@@ -228,3 +235,43 @@ def test_a_tampered_checkpoint_or_a_changed_model_is_not_resumed(tiny_folder, tm
         api.prune(changed, tok, config, progress=False, checkpoint_dir=checkpoint)
     report = api.prune(*_tiny_llama(tiny_folder), config, progress=False, checkpoint_dir=checkpoint)
     assert report.config["resumed"]
+
+
+DAMAGES = st.tuples(
+    st.sampled_from(["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"]),
+    st.sampled_from(["truncate", "flip", "delete", "empty"]),
+    st.floats(0.0, 1.0),
+)
+
+
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damage=DAMAGES, stream=st.booleans())
+def test_random_damage_to_model_files_never_gives_a_traceback(damage, stream, tiny_folder, tmp_path, capsys):
+    """A file of the model folder truncated, with a byte flipped, deleted or emptied: the run either refuses in
+    one line or (a flip inside the weights' data) succeeds; never a traceback, never a half-written folder."""
+    name, how, where = damage
+    folder = tmp_path / "damaged"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(tiny_folder, folder)
+    path = folder / name
+    data = path.read_bytes()
+    at = min(int(where * len(data)), len(data) - 1)
+    if how == "truncate":
+        path.write_bytes(data[:at])
+    elif how == "flip":
+        path.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :])
+    elif how == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(b"")
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = ["prune", str(folder), *TINY_RUN, "--out", str(out), *(["--stream"] if stream else [])]
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code in (0, 2) and "Traceback" not in err, (damage, err)
+    if code == 2:
+        assert err.splitlines()[-1].startswith("sparsellm: error: "), (damage, err)
+        assert not out.exists()
+    else:
+        assert (out / "report.json").is_file()
