@@ -293,6 +293,9 @@ def _add_evaluation(report: api.Report, loaded: Loaded, evals: EvalSpec) -> None
 
 
 def _write_report(folder: Path, report: api.Report, spec: ModelSpec) -> dict:
+    """report.json, the model card and the plots."""
+    from .card import model_card
+    from .models.loading import hub_id
     from .plots import write_plots
 
     report.model = spec.name
@@ -300,6 +303,7 @@ def _write_report(folder: Path, report: api.Report, spec: ModelSpec) -> dict:
     report.files_sha256 = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
     result = report.to_dict()
     (folder / "report.json").write_text(strict_json(result))
+    (folder / "README.md").write_text(model_card(result, hub_id(spec.name)))
     write_plots(result, folder / "plots")
     return result
 

@@ -256,3 +256,26 @@ def test_offloaded_activations_that_cannot_fit_are_refused_in_one_line(tiny_fold
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"sparsellm: error: --offload-dir {scratch} needs about ") and "1 MB free" in err
     assert [p.name for p in tmp_path.iterdir()] == ["scratch"] and not list(scratch.iterdir())
+
+
+def test_a_pruned_folder_carries_a_model_card_the_hub_can_read(tiny_folder, tmp_path):
+    import yaml
+
+    from sparsellm.card import model_card
+
+    out = tmp_path / "carded"
+    r = run("prune", str(tiny_folder), "--method", "wanda", "--nm", "2:4", "--seqlen", "32", "--nsamples", "2",
+            "--eval", "ptb", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    text = (out / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert {"pruned", "wanda", "2:4-sparsity"} <= set(meta["tags"]) and meta["datasets"] == ["allenai/c4"]
+    assert "base_model" not in meta  # a local folder has no Hub id
+    assert f"measured sparsity {report['sparsity']['measured']:.4f}" in body
+    assert f"{report['perplexity']['ptb']:.2f}" in body and report["manifest"]["command"] in body
+    named = yaml.safe_load(model_card({**report, "model": "smollm2-135m"}, "HuggingFaceTB/SmolLM2-135M-Instruct")
+                           .split("---\n")[1])  # fmt: skip
+    assert named["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

