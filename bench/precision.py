@@ -49,6 +49,7 @@ def prune(args, out: Path, seed: int, method: str, target: str, precision: str) 
         "method": method,
         "target": target,
         "seed": seed,
+        "commit": commit(),
         "precision": report["precision"]["name"],
         "prune_s": report["timing"]["prune_s"],
         "eval_s": report["timing"]["eval_s"],
@@ -99,21 +100,33 @@ def main() -> None:
     ap.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-precision")
     ap.add_argument("--write", action="store_true", help="replace this bench's section of BENCHMARKS.md")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the runs already in OUT/precision.json and run only the missing ones (a run disturbed by other "
+        "work is deleted from the file and run again)",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    saved = args.out / "precision.json"
+    done = json.loads(saved.read_text()) if args.reuse and saved.is_file() else []
     rows = []
     for seed in args.seeds:
         for target in args.targets.split(","):
             for method in args.methods.split(","):
                 for precision in ("fp32", "bf16"):
-                    print(f"bench: seed {seed}: {method} {target} {precision}", file=sys.stderr)
-                    rows.append(prune(args, args.out, seed, method, target, precision))
-                    (args.out / "precision.json").write_text(json.dumps(rows, indent=1))
+                    key = (method, target, seed, precision)
+                    kept = [r for r in done if (r["method"], r["target"], r["seed"], r["precision"]) == key]
+                    if not kept:
+                        print(f"bench: seed {seed}: {method} {target} {precision}", file=sys.stderr)
+                    rows.append(kept[0] if kept else prune(args, args.out, seed, method, target, precision))
+                    saved.write_text(json.dumps(rows + [r for r in done if r not in rows], indent=1))
     text = (
         f"### bf16 against fp32: {args.model}, quick protocol, calibration seeds {', '.join(map(str, args.seeds))}\n\n"
-        f"`python bench/precision.py {' '.join(sys.argv[1:])}` on {machine()}, 2 threads; {started}, "
-        f"commit {commit()}.\n\n{tables(rows)}\n"
+        f"`python bench/precision.py {' '.join(sys.argv[1:])}` on {machine()}, 2 threads, nothing else running; "
+        f"started {started}; runs at commit {', '.join(sorted({r.get('commit', '?') for r in rows}))}.\n\n"
+        f"{tables(rows)}\n"
     )
     (args.out / "precision.md").write_text(text)
     print(text)
