@@ -91,7 +91,7 @@ def test_true_sequential_differs_and_reconstructs_no_worse():
 def test_gram_is_the_gram_matrix_and_exactly_symmetric(width):
     """The Hessian product: upper blocks multiplied, the lower ones mirrored; widths below, at and across the
     384-column block size. Also summed over chunks of rows, mirrored once at the end."""
-    from sparsellm.engine.stats import add_gram_upper, gram, mirror_upper
+    from sparsellm.core.linalg import add_gram_upper, gram, mirror_upper
 
     a = torch.randn(300, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64).float()
     reference = a.double().T @ a.double()

@@ -178,7 +178,7 @@ def pruned(tiny_folder, tmp_path_factory):
     "edit, message",
     [
         (lambda r: r["sparsity"].update(measured=0.9), "overall:"),
-        (lambda r: r["sparsity"].update(target="0.3"), "target: 0.3 is 0.3"),
+        (lambda r: r["sparsity"].update(target="0.3"), "target: 0.3 is a fraction of 0.3"),
         (lambda r: r["sparsity"].update(target="0.9", target_fraction=0.9), "target not met"),
         (lambda r: next(iter(r["sparsity"]["per_matrix"].values())).update(zeros=1), "zero on disk"),
         (lambda r: r["config"].update(layers_pruned=[0]), "layers pruned"),
