@@ -12,7 +12,7 @@ def _front_matter(report: dict, base_model: str | None) -> list[str]:
     """YAML, each value a JSON string (valid YAML, so no quoting rules to get wrong)."""
     target = report["sparsity"]["target"]
     kind = f"{target}-sparsity" if ":" in target else "unstructured-sparsity"
-    tags = ["pruned", "sparse", "sparsellm", report["method"], kind]
+    tags = list(dict.fromkeys(["pruned", "sparse", "sparsellm", report["method"], kind]))
     lines = ["---"]
     if base_model:
         lines.append(f"base_model: {json.dumps(base_model)}")
