@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-precision")
     ap.add_argument("--write", action="store_true", help="replace this bench's section of BENCHMARKS.md")
+    ap.add_argument("--busy", help="what else ran on the machine (then the times are not figures), for the header")
     ap.add_argument(
         "--reuse",
         action="store_true",
@@ -124,7 +125,8 @@ def main() -> None:
                     saved.write_text(json.dumps(rows + [r for r in done if r not in rows], indent=1))
     text = (
         f"### bf16 against fp32: {args.model}, quick protocol, calibration seeds {', '.join(map(str, args.seeds))}\n\n"
-        f"`python bench/precision.py {' '.join(sys.argv[1:])}` on {machine()}, 2 threads, nothing else running; "
+        f"`python bench/precision.py {' '.join(sys.argv[1:])}` on {machine()}, 2 threads, "
+        f"{args.busy or 'nothing else running'}; "
         f"started {started}; runs at commit {', '.join(sorted({r.get('commit', '?') for r in rows}))}.\n\n"
         f"{tables(rows)}\n"
     )
