@@ -19,17 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from run import ROOT, geometric_mean, seed_list, sh, target_args
-
-
-def machine() -> str:
-    """The CPU model and its bf16 flags, as lscpu gives them (bf16 speed differs by CPU, so every table says)."""
-    from sparsellm.core.precision import CPU_BF16_FLAGS, cpu_flags
-
-    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), "unknown CPU")
-    flags = sorted(cpu_flags() & set(CPU_BF16_FLAGS)) or ["no bf16 flags"]
-    return f"{model} ({', '.join(flags)})"
+from run import ROOT, geometric_mean, machine, seed_list, sh, target_args, write_section
 
 
 def commit() -> str:
@@ -79,19 +69,6 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, key: str) -> None:
-    """Replace this bench's section for `key` in BENCHMARKS.md (between its markers), or add it at the end."""
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text()
-    mark, end = f"<!-- bench/precision.py {key} -->", f"<!-- end bench/precision.py {key} -->"
-    section = f"{mark}\n{text}\n{end}"
-    if mark in doc and end in doc:
-        doc = doc[: doc.index(mark)] + section + doc[doc.index(end) + len(end) :]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(doc)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -125,7 +102,7 @@ def main() -> None:
                     saved.write_text(json.dumps(rows + [r for r in done if r not in rows], indent=1))
     text = (
         f"### bf16 against fp32: {args.model}, quick protocol, calibration seeds {', '.join(map(str, args.seeds))}\n\n"
-        f"`python bench/precision.py {' '.join(sys.argv[1:])}` on {machine()}, 2 threads, "
+        f"`python bench/precision.py {' '.join(sys.argv[1:])}` on {machine()}, "
         f"{args.busy or 'nothing else running'}; "
         f"started {started}; runs at commit {', '.join(sorted({r.get('commit', '?') for r in rows}))}.\n\n"
         f"{tables(rows)}\n"
@@ -133,7 +110,7 @@ def main() -> None:
     (args.out / "precision.md").write_text(text)
     print(text)
     if args.write:
-        write_section(text, f"{args.model} {args.methods} {args.targets}")
+        write_section(text, f"precision.py {args.model} {args.methods} {args.targets}")
 
 
 if __name__ == "__main__":

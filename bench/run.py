@@ -14,7 +14,8 @@ llm-compressor (optional: `bash bench/peer_env.sh` makes `.venv-peer`, since it 
 prunes the same linears from the same tokens in its own process; its model is evaluated by our evaluator,
 so perplexities differ only by the pruning. The floor is two forward passes of the calibration set
 through the dense decoder, the least any layer-wise method must do. Writes OUT/bench.json, OUT/bench.md
-and OUT/*.png; `--append` adds the table to BENCHMARKS.md. Each run's folder keeps its report, plots and log;
+and OUT/*.png; `--write` puts the table into BENCHMARKS.md, replacing the section of the same model, methods,
+targets and seeds. Each run's folder keeps its report, plots and log;
 its weights are deleted once read (`--keep-models` keeps them: ~20 GB for the default grid on SmolLM2).
 """
 
@@ -70,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-run")
-    ap.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
+    ap.add_argument("--write", action="store_true", help="replace this grid's section of BENCHMARKS.md (or add it)")
     ap.add_argument(
         "--keep-models",
         action="store_true",
@@ -336,6 +337,30 @@ def grid(args, out: Path, seed: int, calib: Path, calib_sha: str, use_peer: bool
     return rows
 
 
+def machine() -> str:
+    """The CPU model and its bf16 flags, as lscpu gives them (speed differs by CPU, so every table says)."""
+    from sparsellm.core.precision import CPU_BF16_FLAGS, cpu_flags
+
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), platform.machine())
+    flags = sorted(cpu_flags() & set(CPU_BF16_FLAGS)) or ["no bf16 flags"]
+    return f"{model} ({', '.join(flags)}), {torch.get_num_threads()} threads"
+
+
+def write_section(text: str, key: str) -> None:
+    """Replace the section for `key` in BENCHMARKS.md (between its markers), or add it at the end: the file holds
+    today's numbers, regenerated in place, not a log of runs."""
+    path = ROOT / "BENCHMARKS.md"
+    doc = path.read_text()
+    mark, end = f"<!-- bench/{key} -->", f"<!-- end bench/{key} -->"
+    section = f"{mark}\n{text.strip()}\n{end}"
+    if mark in doc and end in doc:
+        doc = doc[: doc.index(mark)] + section + doc[doc.index(end) + len(end) :]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(doc)
+
+
 def main() -> None:
     args = parse_args()
     use_peer = not args.no_peer and PEER_PYTHON.exists()
@@ -355,7 +380,7 @@ def main() -> None:
         rows += grid(args, folders[k], k, *calib[k], use_peer)
     result = {
         "started": started,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": machine(),
         "command": " ".join(["python", *sys.argv]),
         "model": args.model,
         "protocol": args.protocol,
@@ -384,9 +409,8 @@ def main() -> None:
         text += "\nOurs against llm-compressor over the seeds (WikiText-2):\n\n" + over_seeds(rows) + "\n"
     (args.out / "bench.md").write_text(text)
     print(text)
-    if args.append:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write("\n" + text)
+    if args.write:
+        write_section(text, f"run.py {args.model} {args.methods} {args.sparsities} seeds {args.seeds}")
 
 
 if __name__ == "__main__":
