@@ -120,12 +120,12 @@ class PruneConfig:
         precision.check(self.precision)
 
 
-REPORT_SCHEMA = 2  # report.json's layout; raised whenever a field changes meaning or moves
+REPORT_SCHEMA = 3  # report.json's layout; raised whenever a field changes meaning or moves
 
 
 @dataclass
 class Report:
-    """report.json, the one definition of its fields (pipeline.py fills model, manifest and files_sha256)."""
+    """report.json, the one definition of its fields (pipeline.py fills model, manifest, files_sha256, storage)."""
 
     method: str
     protocol: str
@@ -144,6 +144,7 @@ class Report:
     model: str = ""
     manifest: dict = field(default_factory=dict)  # command, time, seed, data and calibration-token hashes
     files_sha256: dict = field(default_factory=dict)  # every saved tensor file; `inspect` re-hashes them
+    storage: dict = field(default_factory=dict)  # save format, bytes stored and dense, encodings chosen
     schema: int = REPORT_SCHEMA
 
     def to_dict(self) -> dict:

@@ -16,7 +16,8 @@ def _front_matter(report: dict, base_model: str | None) -> list[str]:
     lines = ["---"]
     if base_model:
         lines.append(f"base_model: {json.dumps(base_model)}")
-    lines += ["library_name: transformers", "pipeline_tag: text-generation", "tags:"]
+    library = "sparsellm" if report.get("storage", {}).get("format") == "compressed" else "transformers"
+    lines += [f"library_name: {library}", "pipeline_tag: text-generation", "tags:"]
     lines += [f"- {json.dumps(tag)}" for tag in tags]
     dataset = CALIBRATION_DATASETS.get(report["data"]["calibration"]["name"])
     if dataset:
@@ -37,6 +38,15 @@ def _results(report: dict) -> list[str]:
     return lines or ["Not evaluated at pruning time: `sparsellm eval THIS_FOLDER`.", ""]
 
 
+def _storage(storage: dict) -> str:
+    if storage.get("format") != "compressed":
+        return "- Weights are stored dense (zeros included), loadable by transformers as they are."
+    stored, dense = storage["bytes"] / 1e6, storage["dense_bytes"] / 1e6
+    return (f"- Weights are stored compressed: {stored:.1f} MB against {dense:.1f} MB dense. Load with "
+            "`sparsellm.load(THIS_FOLDER)`, or write the plain transformers folder with "
+            "`sparsellm decompress THIS_FOLDER OUT`.")  # fmt: skip
+
+
 def model_card(report: dict, base_model: str | None) -> str:
     """README.md for a pruned folder, from its report."""
     sparsity, config = report["sparsity"], report["config"]
@@ -51,7 +61,7 @@ def model_card(report: dict, base_model: str | None) -> str:
         f"- Layers pruned: {layers[0]}..{layers[-1]} of {config['layers_total']}.",
         f"- Calibration: {config['nsamples']} x {config['seqlen']} tokens of {report['data']['calibration']['name']}, "
         f"seed {config['seed']}; protocol {report['protocol']}; arithmetic {report['precision'].get('name', 'fp32')}.",
-        "- Weights are stored dense (zeros included): the file is the size of the original.",
+        _storage(report.get("storage", {})),
         "",
         f"## Perplexity ({report['protocol']} protocol)",
         "",

@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eval", default="", help="perplexity datasets to evaluate after pruning, e.g. wikitext2,ptb,c4")
     p.add_argument("--out", required=True, help="output folder (Hugging Face format + report.json)")
+    p.add_argument(
+        "--save-format",
+        choices=("dense", "compressed"),
+        default="dense",
+        help="dense: a plain Hugging Face folder; compressed: each sparse matrix as a bitmask (or N:M codes) and its "
+        "kept values, whichever is smaller (sparsellm eval/inspect/load read it; `sparsellm decompress` undoes it)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (and any checkpoint)")
     p.add_argument(
         "--resume",
@@ -135,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--datasets", help="perplexity datasets (default: wikitext2,ptb,c4 unless only --tasks is given)")
     _add_eval_args(e)
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    conversions = {"compress": "a pruned folder, compressed", "decompress": "a compressed folder's dense twin"}
+    for command, what in conversions.items():
+        c = sub.add_parser(command, help=f"write {what} (the same tensors, bit for bit)")
+        c.add_argument("folder", help="a folder written by `sparsellm prune`")
+        c.add_argument("out")
+        c.add_argument("--overwrite", action="store_true", help="replace an output folder sparsellm wrote")
 
     i = sub.add_parser("inspect", help="per-layer sparsity, N:M validity and the manifest of a pruned folder")
     i.add_argument("folder")
@@ -211,7 +225,7 @@ def cmd_prune(args) -> int:
         max_memory=_bytes(args.max_memory) if args.max_memory else None, offload_dir=args.offload_dir,
         precision=args.precision,
     )  # fmt: skip
-    output = pipeline.Output(Path(args.out), args.overwrite, args.resume, args.checkpoint_every)
+    output = pipeline.Output(Path(args.out), args.overwrite, args.resume, args.checkpoint_every, args.save_format)
     result = pipeline.prune(_model_spec(args), config, _eval_spec(args, _datasets(args.eval)), output)
     if result is None:
         return 0
@@ -227,7 +241,11 @@ def cmd_prune(args) -> int:
     if result["zeroshot"]:
         row["zero-shot mean acc"] = f"{result['zeroshot']['mean_acc']:.4f} (limit {result['zeroshot']['limit']})"
     print(_table([row], list(row)))
-    print(f"saved {args.out}/ (report.json inside)")
+    storage = result["storage"]
+    size = f"{storage['bytes'] / 1e6:.1f} MB of {storage['format']} safetensors"
+    if storage["format"] == "compressed":
+        size += f", {storage['bytes'] / storage['dense_bytes']:.3f}x dense"
+    print(f"saved {args.out}/ ({size}; report.json inside)")
     return 0
 
 
@@ -260,6 +278,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from . import pipeline
+
+    save_format = "compressed" if args.command == "compress" else "dense"
+    output = pipeline.Output(Path(args.out), args.overwrite, save_format=save_format)
+    report = pipeline.convert(Path(args.folder), output)
+    storage = report["storage"]
+    print(f"saved {args.out}/ ({storage['bytes'] / 1e6:.1f} MB of {save_format} safetensors; "
+          f"{storage['bytes'] / storage['dense_bytes']:.3f}x dense)")  # fmt: skip
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .inspection import inspect_folder
 
@@ -285,9 +315,11 @@ def main(argv: list[str] | None = None) -> int:
 
         keep_freed_memory()
         torch.set_num_threads(args.threads or _threads_per_rank())
-        if args.command != "inspect":
+        if args.command in ("prune", "eval"):
             start_ranks(args.device)
-        return {"prune": cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect}[args.command](args)
+        commands = {"prune": cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect}
+        commands.update(compress=cmd_convert, decompress=cmd_convert)
+        return commands[args.command](args)
     except UserError as e:
         print(f"sparsellm: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -7,13 +7,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .core.errors import UserError, reading
 from .core.files import sha256_file
+from .models.streaming import SafetensorsWeights
 
 
-def _check_files(folder: Path, report: dict) -> list[str]:
+def check_files(folder: Path, report: dict) -> list[str]:
     """Every tensor file the report lists must be there with the same sha256 (and no unlisted one)."""
     listed = report.get("files_sha256")
     if listed is None:
@@ -28,20 +28,14 @@ def _check_files(folder: Path, report: dict) -> list[str]:
     return problems
 
 
-def _tensors(folder: Path) -> dict[str, tuple[Path, str]]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+def _weights(folder: Path) -> SafetensorsWeights:
+    if not any(folder.glob("*.safetensors")):
         raise UserError(f"{folder} holds no .safetensors files")
-    index = {}
-    for f in files:
-        with reading(f"the safetensors file {f}"), safe_open(f, "pt") as st:
-            index.update({k: (f, k) for k in st.keys()})  # noqa: SIM118 (safe_open is not a mapping)
-    return index
+    return SafetensorsWeights(folder)
 
 
-def _load(where: tuple[Path, str]) -> torch.Tensor:
-    with reading(f"the safetensors file {where[0]}"), safe_open(where[0], "pt") as st:
-        return st.get_tensor(where[1])
+def _load(weights: SafetensorsWeights, name: str) -> torch.Tensor:
+    return weights.load([name], None, torch.device("cpu"))[name]
 
 
 def nm_valid(weight: torch.Tensor, n: int, m: int) -> bool:
@@ -50,7 +44,7 @@ def nm_valid(weight: torch.Tensor, n: int, m: int) -> bool:
     return cols % m == 0 and bool(((weight.reshape(rows, cols // m, m) == 0).sum(-1) >= n).all())
 
 
-def _read_report(folder: Path) -> dict:
+def read_report(folder: Path) -> dict:
     report_path = folder / "report.json"
     if not report_path.is_file():
         raise UserError(f"{folder} has no report.json; is it a folder written by `sparsellm prune`?")
@@ -64,15 +58,15 @@ def _read_report(folder: Path) -> dict:
 
 def _measure(folder: Path, report: dict) -> tuple[dict[str, tuple[int, int]], list[str]]:
     """{matrix: (numel, zeros)} recomputed from the tensors, and what disagrees with the report's entries."""
-    tensors, problems, measured = _tensors(folder), [], {}
+    weights, problems, measured = _weights(folder), [], {}
     target = report["sparsity"]["target"]
     nm = tuple(int(v) for v in target.split(":")) if ":" in target else None
     for name, rec in report["sparsity"]["per_matrix"].items():
-        key = next((k for k in tensors if k.endswith(f"{name}.weight")), None)
+        key = next((k for k in weights.files if k.endswith(f"{name}.weight")), None)
         if key is None:
             problems.append(f"{name}: tensor missing")
             continue
-        w = _load(tensors[key])
+        w = _load(weights, key)
         numel, zeros = w.numel(), int((w == 0).sum())
         measured[name] = (numel, zeros)
         if (numel, zeros) != (rec.get("numel"), rec.get("zeros")) or rec.get("measured") != zeros / numel:
@@ -111,11 +105,32 @@ def _check_summary(report: dict, measured: dict[str, tuple[int, int]]) -> list[s
     return problems
 
 
+def _storage(folder: Path, report: dict) -> tuple[str, list[str]]:
+    """The line describing how the tensors are stored, measured from the files, and its disagreements."""
+    weights = _weights(folder)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    encodings: dict[str, int] = {}
+    for entry in weights.entries.values():
+        encodings[entry["encoding"]] = encodings.get(entry["encoding"], 0) + 1
+    kind = "compressed" if weights.entries else "dense"
+    line = f"storage: {kind}, {size / 1e6:.1f} MB of tensor files"
+    if weights.entries:
+        dense = report.get("storage", {}).get("dense_bytes", 0)
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(encodings.items()))
+        line += f" ({size / max(dense, 1):.3f}x the dense files' {dense / 1e6:.1f} MB; tensors stored {counts})"
+    stated = report.get("storage")
+    if stated is None:
+        return line, []
+    found = {"format": kind, "bytes": size, **({"encodings": encodings} if weights.entries else {})}
+    return line, [f"storage: {k} is {v} on disk; the report says {stated.get(k)}"
+                  for k, v in found.items() if stated.get(k) != v]  # fmt: skip
+
+
 def inspect_folder(folder: Path) -> tuple[bool, str]:
     """(everything agrees, the text to print): every figure printed is recomputed from the tensors."""
-    report = _read_report(folder)
+    report = read_report(folder)
     measured, problems = _measure(folder, report)
-    problems = _check_files(folder, report) + problems + _check_summary(report, measured)
+    problems = check_files(folder, report) + problems + _check_summary(report, measured)
     per_layer: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     for name, (numel, zeros) in measured.items():
         per_layer[int(name.split(".")[1])][0] += zeros
@@ -135,6 +150,9 @@ def inspect_folder(folder: Path) -> tuple[bool, str]:
         lines.append(
             "perplexity (from the report): " + ", ".join(f"{k} {v:.3f}" for k, v in report["perplexity"].items())
         )
+    storage, storage_problems = _storage(folder, report)
+    problems += storage_problems
+    lines.append(storage)
     lines.append("manifest: " + json.dumps(report.get("manifest", {}), indent=1))
     lines += [f"MISMATCH {p}" for p in problems] or [
         "OK: file checksums and tensors match the report" + (f" and are valid {target}" if ":" in target else "")

@@ -22,6 +22,8 @@ from .core.errors import UserError, require_free_space
 from .core.files import sha256_file, strict_json
 from .core.types import LayerIO
 
+SAVE_FORMATS = ("dense", "compressed")
+
 
 def start_ranks(device: str) -> None:
     """Join torchrun's process group, if this process was started by it (nothing otherwise)."""
@@ -125,6 +127,7 @@ class Output:
     overwrite: bool = False
     resume: bool = False
     checkpoint_every: float = api.CHECKPOINT_EVERY
+    save_format: str = "dense"  # or "compressed" (models/compressed.py)
 
     def check(self) -> None:
         """Refuse a bad output folder before any work is done. `--overwrite` replaces only a folder this tool
@@ -152,6 +155,8 @@ class Output:
             raise UserError(f"cannot create {parent} ({e.strerror}); choose another --out") from e
         if not os.access(parent, os.W_OK):
             raise UserError(f"cannot write to {parent}; choose another --out")
+        if self.save_format not in SAVE_FORMATS:
+            raise UserError(f"--save-format {self.save_format!r}: choose from {', '.join(SAVE_FORMATS)}")
         if not self.checkpoint_every >= 0:  # also NaN
             raise UserError(f"--checkpoint-every must be 0 or more seconds; got {self.checkpoint_every}")
 
@@ -189,12 +194,21 @@ class Output:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
         try:
             yield tmp
+            _readable(tmp)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _readable(folder: Path) -> None:
+    """The permissions of a folder made by hand: mkdtemp and safetensors create theirs private (0700, 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _checkpoint_file(name: str) -> bool:
@@ -263,7 +277,7 @@ def _prune_in_memory(spec, config, evals: EvalSpec, output: Output, checkpoint_d
     with output.writing() as tmp:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
-        return _write_report(tmp, report, spec)
+        return _write_report(tmp, report, spec, output.save_format)
 
 
 def _prune_streamed(spec, config, evals: EvalSpec, output: Output) -> dict:
@@ -281,7 +295,7 @@ def _prune_streamed(spec, config, evals: EvalSpec, output: Output) -> dict:
         loaded.tokenizer.save_pretrained(tmp)
         pruned = load(spec, folder=tmp) if evals.datasets else loaded  # read back one layer at a time
         _add_evaluation(report, Loaded(pruned.model, loaded.tokenizer, pruned.io, loaded.seconds), evals)
-        return _write_report(tmp, report, spec)
+        return _write_report(tmp, report, spec, output.save_format)
 
 
 def _add_evaluation(report: api.Report, loaded: Loaded, evals: EvalSpec) -> None:
@@ -292,20 +306,75 @@ def _add_evaluation(report: api.Report, loaded: Loaded, evals: EvalSpec) -> None
     report.peak_rss_mb = api.peak_rss_mb()
 
 
-def _write_report(folder: Path, report: api.Report, spec: ModelSpec) -> dict:
-    """report.json, the model card and the plots."""
-    from .card import model_card
-    from .models.loading import hub_id
+def _write_report(folder: Path, report: api.Report, spec: ModelSpec, save_format: str) -> dict:
+    """Compress the tensor files if asked, then report.json, the model card and the plots."""
     from .plots import write_plots
 
     report.model = spec.name
-    report.manifest = manifest(report)
-    report.files_sha256 = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
-    result = report.to_dict()
-    (folder / "report.json").write_text(strict_json(result))
-    (folder / "README.md").write_text(model_card(result, hub_id(spec.name)))
+    report.manifest = {**manifest(report), "save_format": save_format}
+    report.storage = _store(folder, save_format, report.sparsity["target"])
+    result = _finish(folder, report.to_dict())
     write_plots(result, folder / "plots")
     return result
+
+
+def _store(folder: Path, save_format: str, target: str) -> dict:
+    """The tensor files in `save_format`, and what they weigh."""
+    if save_format == "compressed":
+        return _compress(folder, folder, target)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return {"format": save_format, "bytes": size, "dense_bytes": size, "encodings": {}}
+
+
+def _compress(source: Path, folder: Path, target: str) -> dict:
+    from .models import compressed
+
+    nm = tuple(int(v) for v in target.split(":")) if ":" in target else None
+    stored = compressed.compress_folder(source, folder, nm)
+    return {"format": "compressed", "bytes": stored.stored_bytes, "dense_bytes": stored.dense_bytes,
+            "encodings": stored.encodings}  # fmt: skip
+
+
+def _finish(folder: Path, report: dict) -> dict:
+    """The report with its tensor files' checksums, written with the model card."""
+    from .card import model_card
+    from .models.loading import hub_id
+
+    report["files_sha256"] = {f.name: sha256_file(f) for f in sorted(folder.glob("*.safetensors"))}
+    (folder / "report.json").write_text(strict_json(report))
+    (folder / "README.md").write_text(model_card(report, hub_id(report["model"])))
+    return report
+
+
+def convert(source: Path, output: Output) -> dict:
+    """A folder `sparsellm prune` wrote, in `output.save_format`: compressed, or the dense twin of a compressed one
+    (the same tensors, byte for byte). The source's files are checked against its report first."""
+    from .inspection import check_files, read_report
+    from .models import compressed
+
+    packed = source.is_dir() and compressed.is_compressed(source)
+    if output.save_format == "dense" and not packed:
+        raise UserError(f"{source} is not a compressed folder (no *{compressed.SUFFIX} files in it)")
+    if output.save_format == "compressed" and packed:
+        raise UserError(f"{source} is compressed already")
+    report = read_report(source)
+    if problems := check_files(source, report):
+        raise UserError(f"{source} does not match its report.json ({problems[0]}); `sparsellm inspect` says more")
+    output.check()
+    if output.folder.resolve() == source.resolve():
+        raise UserError("write into another folder than the one read")
+    with _exclusive(output.folder):
+        output.check()
+        require_free_space(output.folder.resolve().parent, report.get("storage", {}).get("dense_bytes", 0) + 2**26,
+                           f"--out {output.folder}", "free some space or choose another folder")  # fmt: skip
+        with output.writing() as tmp:
+            if packed:
+                compressed.decompress_folder(source, tmp)
+                report["storage"] = _store(tmp, "dense", report["sparsity"]["target"])
+            else:
+                report["storage"] = _compress(source, tmp, report["sparsity"]["target"])
+            report["manifest"]["save_format"] = report["storage"]["format"]
+            return _finish(tmp, report)
 
 
 def manifest(report: api.Report) -> dict:

@@ -19,7 +19,8 @@ import torch
 
 from ..core.errors import UserError, reading
 from ..core.files import sha256_file
-from ..core.memory import return_freed_memory
+from ..core.memory import map_large_blocks, return_freed_memory
+from . import compressed, streaming
 
 log = logging.getLogger("sparsellm")
 
@@ -183,17 +184,21 @@ def dtype_for(name: str) -> torch.dtype:
 
 
 def load(name_or_path: str, device: str = "cpu", dtype: str = "float32"):
-    """(model in eval mode on `device` with weights in `dtype`, tokenizer). Statistics stay fp32 regardless."""
+    """(model in eval mode on `device` with weights in `dtype`, tokenizer); a compressed folder is decoded.
+    Statistics stay fp32 regardless."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target_device, target_dtype = device_for(device), dtype_for(dtype)
     source = resolve(name_or_path)
     with reading(f"model '{name_or_path}'"):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        model, info = AutoModelForCausalLM.from_pretrained(
-            source, dtype=target_dtype, trust_remote_code=False, output_loading_info=True
-        )
-    _check_complete(name_or_path, info)
+        if isinstance(source, Path) and compressed.is_compressed(source):  # checked tensor by tensor as it is read
+            model = streaming.load_whole(source, target_dtype, target_device)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source, dtype=target_dtype, trust_remote_code=False, output_loading_info=True
+            )
+            _check_complete(name_or_path, info)
     embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > embeddings:
         raise UserError(
@@ -209,14 +214,13 @@ def load_streamed(name_or_path: str, device: str = "cpu", dtype: str = "float32"
     """(model with only its outer modules loaded, tokenizer, its safetensors weights): see models.streaming."""
     from transformers import AutoTokenizer
 
-    from .streaming import load_streamed as build
-
     source = resolve(name_or_path)
     if not isinstance(source, Path):
         raise UserError(f"--stream reads local safetensors files; download {name_or_path} to a folder first")
+    map_large_blocks()
     with reading(f"model '{name_or_path}'"):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        model, weights = build(source, dtype_for(dtype), device_for(device))
+        model, weights = streaming.load_streamed(source, dtype_for(dtype), device_for(device))
     return model, tokenizer, weights
 
 

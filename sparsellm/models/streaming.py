@@ -19,23 +19,40 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..core.errors import UserError, reading
-from ..core.memory import map_large_blocks
 from ..core.types import LayerIO
-from .adapters import Adapter
+from . import compressed
+from .adapters import Adapter, adapter_for
 
 
 class SafetensorsWeights:
-    """Where each tensor of a Hugging Face folder lives: model.safetensors, or the shards its index names."""
+    """Where each tensor of a Hugging Face folder lives: model.safetensors, or the shards its index names; the
+    files dense or compressed (models/compressed.py, decoded as they are read)."""
 
     def __init__(self, folder: Path):
-        index = folder / "model.safetensors.index.json"
+        sparse = compressed.is_compressed(folder)
+        stored = compressed.sparse_name if sparse else str
+        index = folder / (compressed.SPARSE_INDEX if sparse else compressed.DENSE_INDEX)
+        self.entries: dict[str, dict] = {}  # the encoding of each tensor of a compressed folder
         if index.is_file():
-            self.files = {name: folder / f for name, f in json.loads(index.read_text())["weight_map"].items()}
-        elif (folder / "model.safetensors").is_file():
-            with safe_open(folder / "model.safetensors", "pt") as f:
-                self.files = {name: folder / "model.safetensors" for name in f.keys()}  # noqa: SIM118
+            with reading(f"the index {index}"):
+                weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: folder / stored(f) for name, f in weight_map.items()}
+        elif (single := folder / stored("model.safetensors")).is_file():
+            self.files = dict.fromkeys(self._names(single), single)
         else:
-            raise UserError(f"{folder} has no safetensors weights; streaming needs model.safetensors (or shards)")
+            raise UserError(f"{folder} has no safetensors weights (model.safetensors, shards, or compressed ones)")
+        if sparse:
+            for file in sorted(set(self.files.values())):
+                self._names(file)
+
+    def _names(self, file: Path) -> list[str]:
+        """The tensors a file holds (recording their encodings if it is compressed)."""
+        with reading(f"the safetensors file {file}"), safe_open(file, "pt") as f:
+            table = compressed.entries(f)
+            if table is None:
+                return list(f.keys())
+        self.entries.update(table)
+        return list(table)
 
     def check_against(self, expected: dict[str, torch.Tensor], optional: set[str]) -> None:
         """Refuse files that lack a tensor of the model, hold one it does not have, or one of another shape
@@ -52,12 +69,14 @@ class SafetensorsWeights:
         for file, names in by_file.items():
             with reading(f"the safetensors file {file}"), safe_open(file, "pt") as f:
                 for name in names:
-                    shape = tuple(f.get_slice(name).get_shape())
+                    entry = self.entries.get(name, {})
+                    shape = tuple(entry["shape"] if "shape" in entry else f.get_slice(name).get_shape())
                     if shape != tuple(expected[name].shape):
                         raise UserError(f"{file.name}: {name} has shape {shape}, the model's config says "
                                         f"{tuple(expected[name].shape)}")  # fmt: skip
 
-    def load(self, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    def load(self, names: list[str], dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
+        """The tensors `names` on `device`, in `dtype` (None: as stored)."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             if name not in self.files:
@@ -65,9 +84,11 @@ class SafetensorsWeights:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for file, keys in by_file.items():
+            table = {key: self.entries.get(key) or {"encoding": "dense"} for key in keys}
             with reading(f"the safetensors file {file}"), safe_open(file, "pt") as f:
-                for key in keys:
-                    out[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+                stored = {part: f.get_tensor(part) for key in keys for part in compressed.part_names(key, table[key])}
+                tensors = compressed.decode_all(stored, table)
+            out.update({key: t.to(device=device, dtype=dtype or t.dtype) for key, t in tensors.items()})
         return out
 
 
@@ -115,14 +136,12 @@ class StreamedLayers(LayerIO):
 
 def load_streamed(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, SafetensorsWeights]:
     """The model of `folder` with only its outer modules loaded; the decoder layers stay on meta."""
-    map_large_blocks()
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .adapters import adapter_for
+    from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False), no_init_weights():  # nothing to initialise: all is read
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     weights = SafetensorsWeights(folder)
     tied = getattr(config, "tie_word_embeddings", False)
@@ -139,3 +158,12 @@ def load_streamed(folder: Path, dtype: torch.dtype, device: torch.device) -> tup
     model.eval()
     model.config.use_cache = False
     return model, weights
+
+
+def load_whole(folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The whole model of `folder`, read layer by layer through the same reader (how a compressed folder loads)."""
+    model, weights = load_streamed(folder, dtype, device)
+    layers = StreamedLayers(model, adapter_for(model), weights)
+    for i, layer in enumerate(layers.adapter.decoder_layers(model)):
+        layers.enter(i, layer)
+    return model

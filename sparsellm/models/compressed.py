@@ -1,0 +1,270 @@
+"""The compressed save format: a sparse matrix stored as what it keeps, every other tensor as it is.
+
+Each matrix is stored in whichever of three encodings takes the fewest bytes, measured, not assumed:
+- dense: the tensor itself;
+- bitmask: one bit per weight (set where its bytes are not all zero) and the kept values in row-major order;
+- nm: for an N:M pattern (N zeros in every M consecutive inputs), one code per group of M naming which M - N
+  positions are kept (ceil(log2 C(M, M-N)) bits: 3 for 2:4, against 4 for a bitmask) and those M - N values.
+A weight whose bytes are not all zero is a value, so -0.0 and NaN survive: decoding is bit-exact.
+
+A compressed folder is a Hugging Face folder whose `X.safetensors` files are replaced by `X.sparse.safetensors`
+(and an index `model.safetensors.index.json` by `model.sparse.safetensors.index.json`, kept verbatim), so
+transformers refuses it plainly rather than initialising absent weights at random. Each file's metadata holds
+the encodings and the sha256 of the dense file it replaces: `decompress_folder` writes that file back and
+checks it byte for byte.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..core.errors import UserError, reading
+from ..core.files import sha256_file
+
+FORMAT = "sparsellm-compressed-1"
+SUFFIX = ".sparse.safetensors"
+DENSE_INDEX, SPARSE_INDEX = "model.safetensors.index.json", "model.sparse.safetensors.index.json"
+_META = "sparsellm."  # prefix of the metadata keys this format adds to the dense file's own
+
+
+def sparse_name(dense: str) -> str:
+    return dense.removesuffix(".safetensors") + SUFFIX
+
+
+def is_compressed(folder: Path) -> bool:
+    return any(folder.glob("*" + SUFFIX))
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Booleans [..., n] -> uint8 [..., ceil(n / 8)], the first of each eight in the lowest bit."""
+    padded = torch.nn.functional.pad(bits.to(torch.uint8), (0, -bits.shape[-1] % 8))
+    eights = padded.reshape(*bits.shape[:-1], -1, 8) << torch.arange(8, dtype=torch.uint8)
+    return eights.sum(-1, dtype=torch.uint8)
+
+
+_BITS_OF = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.uint8)  # byte -> its 8 bits
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of pack_bits: uint8 [..., k] -> booleans [..., n], n <= 8k. (A table lookup: 2.5x shifts.)"""
+    bits = torch.nn.functional.embedding(packed.int(), _BITS_OF)
+    return bits.view(torch.bool).reshape(*packed.shape[:-1], -1)[..., :n]  # 0/1 bytes are valid booleans
+
+
+def count_bits(packed: torch.Tensor) -> int:
+    return int(torch.nn.functional.embedding(packed.int(), _BITS_OF.sum(1, keepdim=True)).sum())
+
+
+def nonzero(w: torch.Tensor) -> torch.Tensor:
+    """Where `w`'s bytes are not all zero (so -0.0 counts as a value)."""
+    return w.contiguous().view(torch.uint8).reshape(*w.shape, w.element_size()).ne(0).any(-1)
+
+
+@functools.cache
+def _patterns(m: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pattern [C, m] bool of every choice of `keep` of `m` positions, code of each m-bit mask or -1)."""
+    choices = list(itertools.combinations(range(m), keep))
+    pattern = torch.zeros(len(choices), m, dtype=torch.bool)
+    for code, positions in enumerate(choices):
+        pattern[code, list(positions)] = True
+    code_of = torch.full((2**m,), -1, dtype=torch.int64)
+    code_of[(pattern.long() << torch.arange(m)).sum(-1)] = torch.arange(len(choices))
+    return pattern, code_of
+
+
+def _code_bits(m: int, keep: int) -> int:
+    return max(1, math.ceil(math.log2(math.comb(m, keep))))
+
+
+def _bitmask(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    mask = nonzero(w)
+    return {"bitmask": pack_bits(mask), "values": w[mask]}
+
+
+def _nm(w: torch.Tensor, n: int, m: int) -> dict[str, torch.Tensor] | None:
+    """The N:M encoding, or None where `w` is not an N:M pattern. Groups run along each row's inputs."""
+    keep = m - n
+    if w.dim() != 2 or w.shape[1] % m or not 0 < keep < m <= 16:
+        return None
+    groups = w.reshape(-1, m)
+    kept = nonzero(groups)
+    if (kept.sum(-1) > keep).any():
+        return None
+    # every value, then the first zeros of the group until `keep` positions are chosen
+    preference = kept.long() * m + torch.arange(m - 1, -1, -1)
+    chosen = torch.zeros_like(kept).scatter_(1, preference.topk(keep, dim=1).indices, True)
+    codes = _patterns(m, keep)[1][(chosen.long() << torch.arange(m)).sum(-1)]
+    bits = (codes.unsqueeze(-1) >> torch.arange(_code_bits(m, keep))) & 1
+    return {"codes": pack_bits(bits.reshape(-1).bool()), "values": groups[chosen]}
+
+
+def _bytes(parts: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in parts.values())
+
+
+@dataclass
+class Encoded:
+    encoding: str  # dense, bitmask or nm
+    parts: dict[str, torch.Tensor]  # stored as NAME (dense) or NAME::PART
+    entry: dict = field(default_factory=dict)  # what decoding needs besides the parts
+
+
+def encode(w: torch.Tensor, nm: tuple[int, int] | None = None) -> Encoded:
+    """The smallest encoding of `w` (a matrix of floats; anything else stays dense)."""
+    best = Encoded("dense", {"": w})
+    if w.dim() != 2 or not w.is_floating_point():
+        return best
+    candidates = [Encoded("bitmask", _bitmask(w))]
+    if nm is not None and (parts := _nm(w, *nm)) is not None:
+        candidates.append(Encoded("nm", parts, {"n": nm[0], "m": nm[1]}))
+    for c in candidates:
+        if _bytes(c.parts) < _bytes(best.parts):
+            best = c
+    best.entry.update(encoding=best.encoding, shape=list(w.shape))
+    return best
+
+
+def decode(read, name: str, entry: dict) -> torch.Tensor:
+    """The tensor `name` of a compressed file; `read(key)` gets one stored tensor. A part that does not fit its
+    entry is refused (a damaged or altered file), never decoded into a wrong matrix."""
+    if entry["encoding"] == "dense":
+        return read(name)
+    if entry["encoding"] not in PARTS:
+        raise UserError(f"{name}: unknown encoding {entry['encoding']!r} (written by a newer sparsellm?)")
+    shape = tuple(entry["shape"])
+    values = read(f"{name}::values")
+    if entry["encoding"] == "bitmask":
+        packed = read(f"{name}::bitmask")
+        _expect(packed.dtype == torch.uint8 and tuple(packed.shape) == (*shape[:-1], -(-shape[-1] // 8)), name)
+        mask, count = unpack_bits(packed, shape[-1]), count_bits(packed)  # a set padding bit: a count that differs
+    elif entry["encoding"] == "nm":
+        n, m = int(entry["n"]), int(entry["m"])
+        _expect(0 < n < m <= 16 and len(shape) == 2 and shape[1] % m == 0, name)
+        groups, width = shape[0] * shape[1] // m, _code_bits(m, m - n)
+        packed = read(f"{name}::codes")
+        _expect(packed.dtype == torch.uint8 and packed.numel() == -(-groups * width // 8), name)
+        bits = unpack_bits(packed, groups * width).reshape(groups, width)
+        codes = (bits.long() << torch.arange(width)).sum(-1)
+        pattern = _patterns(m, m - n)[0]
+        _expect(bool((codes < len(pattern)).all()), name)
+        mask, count = pattern[codes].reshape(shape), groups * (m - n)
+    _expect(values.dim() == 1 and values.numel() == count, name)
+    return torch.zeros(shape, dtype=values.dtype).masked_scatter_(mask, values)
+
+
+PARTS = {"dense": ("",), "bitmask": ("bitmask", "values"), "nm": ("codes", "values")}
+
+
+def part_names(name: str, entry: dict) -> list[str]:
+    """The stored tensors `name` is decoded from."""
+    return [name + (f"::{part}" if part else "") for part in PARTS.get(entry["encoding"], ())]
+
+
+def decode_all(stored: dict[str, torch.Tensor], table: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Every tensor of `table` from its `stored` parts, several at once (decoding runs serially inside torch,
+    and a model has many matrices)."""
+    workers = max(1, min(torch.get_num_threads(), len(table)))
+    with ThreadPoolExecutor(workers) as pool:
+        decoded = pool.map(lambda name: decode(stored.__getitem__, name, table[name]), table)
+        return dict(zip(table, decoded, strict=True))
+
+
+def _expect(ok: bool, name: str) -> None:
+    if not ok:
+        raise UserError(f"{name}: its stored parts do not fit its encoding (a damaged compressed file)")
+
+
+def entries(f) -> dict[str, dict] | None:
+    """The encodings a file records (None for a plain safetensors file); `f` is an open safe_open."""
+    metadata = f.metadata() or {}
+    if metadata.get(_META + "format") is None:
+        return None
+    if metadata[_META + "format"] != FORMAT:
+        raise UserError(f"format {metadata[_META + 'format']!r} is not {FORMAT} (written by a newer sparsellm?)")
+    return json.loads(metadata[_META + "tensors"])
+
+
+@dataclass
+class Stored:
+    """What a folder's conversion measured: bytes of its tensor files and how many tensors each encoding took."""
+
+    dense_bytes: int = 0
+    stored_bytes: int = 0
+    encodings: dict[str, int] = field(default_factory=dict)
+
+
+def compress_file(src: Path, dst: Path, nm: tuple[int, int] | None, stored: Stored) -> None:
+    parts, table = {}, {}
+    with reading(f"the safetensors file {src}"), safe_open(src, "pt") as f:
+        metadata = f.metadata() or {}
+        for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            encoded = encode(f.get_tensor(name), nm)
+            parts.update({name + (f"::{k}" if k else ""): t.contiguous() for k, t in encoded.parts.items()})
+            table[name] = encoded.entry or {"encoding": "dense"}
+            stored.encodings[encoded.encoding] = stored.encodings.get(encoded.encoding, 0) + 1
+    metadata.update({_META + "format": FORMAT, _META + "tensors": json.dumps(table, sort_keys=True),
+                     _META + "dense_file": src.name, _META + "dense_sha256": sha256_file(src)})  # fmt: skip
+    save_file(parts, dst, metadata=metadata)
+    stored.dense_bytes += src.stat().st_size
+    stored.stored_bytes += dst.stat().st_size
+
+
+def compress_folder(src: Path, dst: Path, nm: tuple[int, int] | None = None) -> Stored:
+    """`src`'s tensor files compressed into `dst`, with its other files; `dst` may be `src` (in a folder being
+    written: the dense files are then replaced). report.json and README.md are the caller's."""
+    stored = Stored()
+    for path in sorted(src.glob("*.safetensors")):
+        if not path.name.endswith(SUFFIX):
+            compress_file(path, dst / sparse_name(path.name), nm, stored)
+            if src == dst:
+                path.unlink()
+    _copy_rest(src, dst, {DENSE_INDEX: SPARSE_INDEX})
+    return stored
+
+
+def decompress_folder(src: Path, dst: Path) -> None:
+    """Write `src`'s dense twin into `dst`: each dense file back, checked against the sha256 recorded when it was
+    compressed, with the other files. report.json and README.md are the caller's."""
+    for path in sorted(src.glob("*" + SUFFIX)):
+        _decompress_file(path, dst)
+    _copy_rest(src, dst, {SPARSE_INDEX: DENSE_INDEX})
+
+
+def _copy_rest(src: Path, dst: Path, renames: dict[str, str]) -> None:
+    """Every file but the tensor files, report.json, README.md and hidden ones, an index renamed."""
+    for path in sorted(src.iterdir()):
+        if path.name.endswith(".safetensors") or path.name in ("report.json", "README.md") or path.name[0] == ".":
+            continue
+        target = dst / renames.get(path.name, path.name)
+        if src == dst:
+            path.rename(target)
+        elif path.is_dir():
+            shutil.copytree(path, target)
+        else:
+            shutil.copyfile(path, target)
+
+
+def _decompress_file(path: Path, dst: Path) -> None:
+    with reading(f"the compressed file {path}"), safe_open(path, "pt") as f:
+        table = entries(f)
+        if table is None:
+            raise UserError(f"{path.name} records no {FORMAT} encodings: it is not a compressed file")
+        metadata = {k: v for k, v in (f.metadata() or {}).items() if not k.startswith(_META)}
+        tensors = decode_all({k: f.get_tensor(k) for k in f.keys()}, table)  # noqa: SIM118
+        dense_file, expected = f.metadata()[_META + "dense_file"], f.metadata()[_META + "dense_sha256"]
+    if Path(dense_file).name != dense_file or not dense_file.endswith(".safetensors"):
+        raise UserError(f"{path.name} names {dense_file!r} as its dense file: not a file name sparsellm writes")
+    save_file(tensors, dst / dense_file, metadata=metadata or None)
+    if sha256_file(dst / dense_file) != expected:
+        raise UserError(f"{path.name} decodes to a file that differs from the one it was made from (damaged?)")
