@@ -25,6 +25,7 @@ from .engine.sequential import EngineOptions, prune_model
 from .eval.perplexity import perplexity
 from .methods import Target, make_method
 from .methods.base import EVENT_KINDS
+from .methods.refit import Refit
 from .models.adapters import Adapter, adapter_for, context_length
 
 
@@ -106,6 +107,8 @@ class PruneConfig:
     max_memory: int | None = None  # bytes of RAM for layer inputs/outputs (default: half the RAM); beyond: disk
     offload_dir: str | None = None  # where offloaded activations go (default: the temporary folder)
     precision: str = "auto"  # matrix products: bf16 (fp32 sums and solves) where the hardware has it, else fp32
+    refit: str = "none"  # "pcg": re-solve each pruned linear's kept weights on its Hessian (methods/refit.py)
+    refit_iterations: int = 20
 
     def target(self) -> Target:
         if (self.sparsity is None) == (self.nm is None):
@@ -118,8 +121,15 @@ class PruneConfig:
         make_method(self.method, **self.method_options)
         protocol(self.protocol)
         precision.check(self.precision)
+        self.refitter()
+
+    def refitter(self) -> Refit | None:
+        if self.refit not in REFITS:
+            raise UserError(f"unknown refit '{self.refit}'; choose from: {', '.join(REFITS)}")
+        return Refit(self.refit_iterations) if self.refit == "pcg" else None
 
 
+REFITS = ("none", "pcg")
 REPORT_SCHEMA = 3  # report.json's layout; raised whenever a field changes meaning or moves
 
 
@@ -289,7 +299,7 @@ def prune(
     local = plan.calib[parallel.shard(plan.calib.shape[0])]  # data parallel: this rank's samples (all, alone)
     activations = _activation_plan(model, local, config)
     offload = Path(activations["offload_dir"]) if activations["offload_dir"] else None
-    opts = EngineOptions(batch_size=config.batch_size, true_sequential=config.true_sequential, offload_dir=offload)
+    opts = EngineOptions(config.batch_size, config.true_sequential, offload, config.refitter())
     calib_sha = tensor_sha256(plan.calib.to(torch.int64))
     checkpoint = None
     if checkpoint_dir is not None:

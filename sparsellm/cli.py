@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         "memory-mapped from a file in --offload-dir (default: half the machine's RAM)",
     )
     p.add_argument("--offload-dir", help="folder for offloaded activations (default: the system's temporary folder)")
+    p.add_argument(
+        "--refit",
+        choices=("none", "pcg"),
+        default="none",
+        help="pcg: after each linear's mask is chosen, re-solve its kept weights to reproduce the dense outputs on "
+        "the calibration inputs (conjugate gradients on the Hessian; any method; SparseLLM: its attention linears)",
+    )
+    p.add_argument("--refit-iterations", type=_positive_int, default=20, help="conjugate-gradient iterations")
     s = p.add_argument_group("SparseLLM (--method sparsellm)")
     s.add_argument("--rounds", type=int, help="alternating rounds per MLP (round 1 = SparseGPT)")
     s.add_argument("--alpha", type=float, help="weight of the up/gate terms (each term is normalised per layer)")
@@ -223,7 +231,7 @@ def cmd_prune(args) -> int:
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
         true_sequential=args.true_sequential, batch_size=args.batch_size, method_options=_method_options(args),
         max_memory=_bytes(args.max_memory) if args.max_memory else None, offload_dir=args.offload_dir,
-        precision=args.precision,
+        precision=args.precision, refit=args.refit, refit_iterations=args.refit_iterations,
     )  # fmt: skip
     output = pipeline.Output(Path(args.out), args.overwrite, args.resume, args.checkpoint_every, args.save_format)
     result = pipeline.prune(_model_spec(args), config, _eval_spec(args, _datasets(args.eval)), output)

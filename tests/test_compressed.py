@@ -156,7 +156,7 @@ def test_a_compressed_folder_is_its_dense_twin(twins, stream, tmp_path):
     for name in files:
         assert sha256(back / name) == sha256(dense / name), name
     assert run("inspect", back).returncode == 0
-    again = tmp_path / "again"  # compressing the dense twin afterwards gives the same files as at pruning time
+    again = tmp_path / "again"  # compressing the dense twin afterwards gives the same bytes as at pruning time
     assert run("compress", dense, again).returncode == 0
     assert [sha256(f) for f in sorted(again.glob("*.safetensors"))] == [
         sha256(f) for f in sorted(packed.glob("*.safetensors"))
@@ -192,12 +192,12 @@ def one_line_error(r) -> str:
 def rewrite(path, change_entries=None, change_parts=None) -> None:
     with safe_open(path, "pt") as f:
         metadata, parts = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    table = json.loads(metadata["sparsellm.tensors"])
+    record = json.loads(metadata["sparsellm_compressed"])
     if change_entries:
-        change_entries(table)
+        change_entries(record["tensors"])
     if change_parts:
         change_parts(parts)
-    save_file(parts, path, metadata={**metadata, "sparsellm.tensors": json.dumps(table)})
+    save_file(parts, path, metadata={"sparsellm_compressed": json.dumps(record)})
 
 
 DOWN = "model.layers.0.mlp.down_proj.weight"

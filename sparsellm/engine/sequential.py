@@ -22,6 +22,7 @@ from ..core import parallel
 from ..core.errors import UserError
 from ..core.types import LayerIO, Site
 from ..methods.base import Event, Method, Target
+from ..methods.refit import Refit
 from ..models.adapters import Adapter, submodule
 from ..models.layers import call_layer, capture, in_ram, on_disk, run_layer
 from .checkpoint import Checkpoint
@@ -43,6 +44,7 @@ class EngineOptions:
     batch_size: int = 8
     true_sequential: bool = False
     offload_dir: Path | None = None  # layer inputs/outputs memory-mapped from files here instead of RAM
+    refit: Refit | None = None  # re-solve each pruned linear's kept weights on its Hessian (methods/refit.py)
 
 
 @torch.no_grad()
@@ -58,18 +60,21 @@ def prune_site_group(
 ) -> list[Event]:
     """Statistics of `sites` from one pass over the layer, then prune each of their linears."""
     first = {site.name: submodule(layer, site.linears[0]) for site in sites}
+    kind = "hessian" if opts.refit is not None else method.statistic  # a refit needs the Hessian whatever the method
     # A data-free method (magnitude) hooks nothing but still runs the pass, for the dense outputs.
-    with recording(first if method.statistic else {}, method.statistic or "") as stats:
+    with recording(first if kind else {}, kind or "") as stats:
         run_layer(layer, x, kwargs, opts.batch_size, out=dense_out)
     events: list[Event] = []
     for site in sites:
-        stat = stats[site.name].mean() if method.statistic else None
-        if stat is not None and not torch.isfinite(stat).all():
+        recorded = stats[site.name].mean() if kind else None
+        if recorded is not None and not torch.isfinite(recorded).all():
             raise UserError(f"the inputs of {site.name} hold NaN/Inf (the model or data is broken); nothing was saved")
+        stat = recorded.diagonal().clone() if method.statistic == "sqnorm" and kind == "hessian" else recorded
         for path in site.linears:
             linear = submodule(layer, path)
-            pruned = method.prune(linear.weight.data, stat, target)
-            linear.weight.data.copy_(pruned.weight)
+            pruned = method.prune(linear.weight.data, stat if method.statistic else None, target)
+            weight = pruned.weight if opts.refit is None else opts.refit(linear.weight.data, pruned.weight, recorded)
+            linear.weight.data.copy_(weight)
             events += [e.on(path) for e in pruned.events]
     return events
 

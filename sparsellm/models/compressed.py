@@ -35,7 +35,9 @@ from ..core.files import sha256_file
 FORMAT = "sparsellm-compressed-1"
 SUFFIX = ".sparse.safetensors"
 DENSE_INDEX, SPARSE_INDEX = "model.safetensors.index.json", "model.sparse.safetensors.index.json"
-_META = "sparsellm."  # prefix of the metadata keys this format adds to the dense file's own
+# The file's one metadata key: a JSON object of the format, the encodings, and the dense file's name, sha256 and
+# own metadata. One key, because safetensors writes several in no fixed order: the bytes would differ run to run.
+_META = "sparsellm_compressed"
 
 
 def sparse_name(dense: str) -> str:
@@ -185,14 +187,21 @@ def _expect(ok: bool, name: str) -> None:
         raise UserError(f"{name}: its stored parts do not fit its encoding (a damaged compressed file)")
 
 
-def entries(f) -> dict[str, dict] | None:
-    """The encodings a file records (None for a plain safetensors file); `f` is an open safe_open."""
-    metadata = f.metadata() or {}
-    if metadata.get(_META + "format") is None:
+def header(f) -> dict | None:
+    """What a compressed file records (None for a plain safetensors file); `f` is an open safe_open."""
+    text = (f.metadata() or {}).get(_META)
+    if text is None:
         return None
-    if metadata[_META + "format"] != FORMAT:
-        raise UserError(f"format {metadata[_META + 'format']!r} is not {FORMAT} (written by a newer sparsellm?)")
-    return json.loads(metadata[_META + "tensors"])
+    record = json.loads(text)
+    if record.get("format") != FORMAT:
+        raise UserError(f"format {record.get('format')!r} is not {FORMAT} (written by a newer sparsellm?)")
+    return record
+
+
+def entries(f) -> dict[str, dict] | None:
+    """The encodings a file records, by tensor (None for a plain safetensors file)."""
+    record = header(f)
+    return None if record is None else record["tensors"]
 
 
 @dataclass
@@ -213,9 +222,9 @@ def compress_file(src: Path, dst: Path, nm: tuple[int, int] | None, stored: Stor
             parts.update({name + (f"::{k}" if k else ""): t.contiguous() for k, t in encoded.parts.items()})
             table[name] = encoded.entry or {"encoding": "dense"}
             stored.encodings[encoded.encoding] = stored.encodings.get(encoded.encoding, 0) + 1
-    metadata.update({_META + "format": FORMAT, _META + "tensors": json.dumps(table, sort_keys=True),
-                     _META + "dense_file": src.name, _META + "dense_sha256": sha256_file(src)})  # fmt: skip
-    save_file(parts, dst, metadata=metadata)
+    record = {"format": FORMAT, "tensors": table, "dense_file": src.name, "dense_sha256": sha256_file(src),
+              "dense_metadata": metadata}  # fmt: skip
+    save_file(parts, dst, metadata={_META: json.dumps(record, sort_keys=True)})
     stored.dense_bytes += src.stat().st_size
     stored.stored_bytes += dst.stat().st_size
 
@@ -257,12 +266,11 @@ def _copy_rest(src: Path, dst: Path, renames: dict[str, str]) -> None:
 
 def _decompress_file(path: Path, dst: Path) -> None:
     with reading(f"the compressed file {path}"), safe_open(path, "pt") as f:
-        table = entries(f)
-        if table is None:
+        record = header(f)
+        if record is None:
             raise UserError(f"{path.name} records no {FORMAT} encodings: it is not a compressed file")
-        metadata = {k: v for k, v in (f.metadata() or {}).items() if not k.startswith(_META)}
-        tensors = decode_all({k: f.get_tensor(k) for k in f.keys()}, table)  # noqa: SIM118
-        dense_file, expected = f.metadata()[_META + "dense_file"], f.metadata()[_META + "dense_sha256"]
+        tensors = decode_all({k: f.get_tensor(k) for k in f.keys()}, record["tensors"])  # noqa: SIM118
+        dense_file, expected, metadata = record["dense_file"], record["dense_sha256"], record["dense_metadata"]
     if Path(dense_file).name != dense_file or not dense_file.endswith(".safetensors"):
         raise UserError(f"{path.name} names {dense_file!r} as its dense file: not a file name sparsellm writes")
     save_file(tensors, dst / dense_file, metadata=metadata or None)

@@ -161,9 +161,14 @@ def load_streamed(folder: Path, dtype: torch.dtype, device: torch.device) -> tup
 
 
 def load_whole(folder: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The whole model of `folder`, read layer by layer through the same reader (how a compressed folder loads)."""
+    """The whole model of `folder` through the same reader (how a compressed folder loads): its outer modules,
+    then every decoder layer's tensors in one read, so that decoding keeps every core busy."""
     model, weights = load_streamed(folder, dtype, device)
-    layers = StreamedLayers(model, adapter_for(model), weights)
-    for i, layer in enumerate(layers.adapter.decoder_layers(model)):
-        layers.enter(i, layer)
+    layers = layer_prefixes(model, adapter_for(model))
+    tensors = weights.load([k for k in model.state_dict() if k.startswith(tuple(layers))], dtype, device)
+    with reading(f"the decoder layers of {folder}"):
+        model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k, v in model.state_dict().items() if v.is_meta]
+    if missing:
+        raise UserError(f"{folder}: its files lack {missing[0]} (and {len(missing) - 1} more)")
     return model
