@@ -6,7 +6,7 @@
 For each target, one `sparsellm prune --method sparsegpt` run saves the dense folder, `sparsellm compress` writes
 its compressed twin and `sparsellm decompress` writes it back (checked byte for byte against the dense files).
 Size table: tensor-file bytes of both folders, and of the pruned linears alone. Load table: `sparsellm.load` of
-each folder, the median of --repeats. Inference table, batch 1, fp32 weights: prefill (one forward pass of
+each folder, the median of 3 x --repeats (the dense load varies 0.2-0.5 s run to run). Inference table, batch 1, fp32 weights: prefill (one forward pass of
 --prompt tokens) and greedy generation (--new tokens after a 32-token prompt, with the KV cache), executed dense
 (torch's nn.Linear) and sparse (each pruned linear as a torch CSR matrix, the fastest of the sparse layouts torch
 offers on this CPU: BSR and COO measured slower); tokens/s, the median of --repeats. `--write` replaces this
@@ -126,8 +126,8 @@ def one_target(args, target: str, tokens: torch.Tensor) -> dict:
         "linears_ratio": linear_bytes(packed, pruned) / linear_bytes(dense, pruned),
         "encodings": json.loads((packed / "report.json").read_text())["storage"]["encodings"],
         "decompress_identical": identical,
-        "load_dense_s": median_seconds(lambda: load(str(dense)), args.repeats),
-        "load_compressed_s": median_seconds(lambda: load(str(packed)), args.repeats),
+        "load_dense_s": median_seconds(lambda: load(str(dense)), 3 * args.repeats),
+        "load_compressed_s": median_seconds(lambda: load(str(packed)), 3 * args.repeats),
     }
     model, _ = load(str(dense))
     row["prefill_dense"], row["generate_dense"] = speed(model, tokens, args.new, args.repeats)

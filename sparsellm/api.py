@@ -24,6 +24,7 @@ from .engine.checkpoint import Checkpoint
 from .engine.sequential import EngineOptions, prune_model
 from .eval.perplexity import perplexity
 from .methods import Target, make_method
+from .methods.allocation import Allocation
 from .methods.base import EVENT_KINDS
 from .methods.refit import Refit
 from .models.adapters import Adapter, adapter_for, context_length
@@ -109,6 +110,9 @@ class PruneConfig:
     precision: str = "auto"  # matrix products: bf16 (fp32 sums and solves) where the hardware has it, else fp32
     refit: str = "none"  # "pcg": re-solve each pruned linear's kept weights on its Hessian (methods/refit.py)
     refit_iterations: int = 20
+    allocation: str = "uniform"  # per-layer sparsities: uniform, owl or alpha (methods/allocation.py)
+    owl_lambda: float = 0.08  # the allocation's spread: layer targets within target +- this
+    owl_m: float = 5.0
 
     def target(self) -> Target:
         if (self.sparsity is None) == (self.nm is None):
@@ -122,6 +126,11 @@ class PruneConfig:
         protocol(self.protocol)
         precision.check(self.precision)
         self.refitter()
+        if self.allocator().rule != "uniform" and self.target().is_nm:
+            raise UserError("an N:M target is the same in every layer: --allocation applies to --sparsity targets only")
+
+    def allocator(self) -> Allocation:
+        return Allocation(self.allocation, self.owl_lambda, self.owl_m)
 
     def refitter(self) -> Refit | None:
         if self.refit not in REFITS:
@@ -299,7 +308,7 @@ def prune(
     local = plan.calib[parallel.shard(plan.calib.shape[0])]  # data parallel: this rank's samples (all, alone)
     activations = _activation_plan(model, local, config)
     offload = Path(activations["offload_dir"]) if activations["offload_dir"] else None
-    opts = EngineOptions(config.batch_size, config.true_sequential, offload, config.refitter())
+    opts = EngineOptions(config.batch_size, config.true_sequential, offload, config.refitter(), config.allocator())
     calib_sha = tensor_sha256(plan.calib.to(torch.int64))
     checkpoint = None
     if checkpoint_dir is not None:
@@ -443,7 +452,7 @@ def evaluate(
     """Perplexity per dataset under a protocol, and the data used (source, sha256, windows, precision).
 
     With `io` (models.streaming), the decoder layers are loaded one at a time. The forward passes run in
-    `precision_name` (auto, bf16 or fp32; engine/precision.py).
+    `precision_name` (auto, bf16 or fp32; core/precision.py).
     """
     adapter = adapter_for(model)
     chosen = precision.resolve(precision_name, next(p for p in model.parameters() if not p.is_meta).device)

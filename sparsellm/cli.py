@@ -111,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the calibration inputs (conjugate gradients on the Hessian; any method; SparseLLM: its attention linears)",
     )
     p.add_argument("--refit-iterations", type=_positive_int, default=20, help="conjugate-gradient iterations")
+    p.add_argument(
+        "--allocation",
+        choices=("uniform", "owl", "alpha"),
+        default="uniform",
+        help="per-layer sparsities (--sparsity only): owl prunes layers with more activation outliers less (one "
+        "dense pass); alpha prunes layers with heavier-tailed weight spectra less (AlphaPruning, data-free)",
+    )
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="layer targets within target +- this")
+    p.add_argument("--owl-m", type=float, default=5.0, help="owl: an outlier's score exceeds M x the layer mean")
     s = p.add_argument_group("SparseLLM (--method sparsellm)")
     s.add_argument("--rounds", type=int, help="alternating rounds per MLP (round 1 = SparseGPT)")
     s.add_argument("--alpha", type=float, help="weight of the up/gate terms (each term is normalised per layer)")
@@ -232,6 +241,7 @@ def cmd_prune(args) -> int:
         true_sequential=args.true_sequential, batch_size=args.batch_size, method_options=_method_options(args),
         max_memory=_bytes(args.max_memory) if args.max_memory else None, offload_dir=args.offload_dir,
         precision=args.precision, refit=args.refit, refit_iterations=args.refit_iterations,
+        allocation=args.allocation, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
     )  # fmt: skip
     output = pipeline.Output(Path(args.out), args.overwrite, args.resume, args.checkpoint_every, args.save_format)
     result = pipeline.prune(_model_spec(args), config, _eval_spec(args, _datasets(args.eval)), output)

@@ -52,3 +52,6 @@ class LayerIO:
 
     def leave(self, i: int, layer: nn.Module) -> None:
         pass
+
+    def release(self, i: int, layer: nn.Module) -> None:
+        """Done with a layer that was only read (a pass before pruning): nothing of it is written."""

@@ -21,10 +21,12 @@ from tqdm.auto import tqdm
 from ..core import parallel
 from ..core.errors import UserError
 from ..core.types import LayerIO, Site
+from ..methods.allocation import Allocation
 from ..methods.base import Event, Method, Target
 from ..methods.refit import Refit
 from ..models.adapters import Adapter, submodule
 from ..models.layers import call_layer, capture, in_ram, on_disk, run_layer
+from .allocate import layer_targets
 from .checkpoint import Checkpoint
 from .joint_mlp import JointMLP, replaying
 from .stats import recording
@@ -33,6 +35,7 @@ from .stats import recording
 @dataclass
 class LayerLog:
     index: int
+    target: float = 0.0  # the fraction of this layer's weights to zero (the allocation's, or the run's target)
     seconds: float = 0.0
     recon_error: float = 0.0  # ||Y_dense - Y_pruned||^2 / ||Y_dense||^2 of the layer's output
     events: list[Event] = field(default_factory=list)
@@ -45,6 +48,7 @@ class EngineOptions:
     true_sequential: bool = False
     offload_dir: Path | None = None  # layer inputs/outputs memory-mapped from files here instead of RAM
     refit: Refit | None = None  # re-solve each pruned linear's kept weights on its Hessian (methods/refit.py)
+    allocation: Allocation = Allocation()  # per-layer targets (methods/allocation.py)
 
 
 @torch.no_grad()
@@ -147,6 +151,7 @@ def prune_model(
     io = io or LayerIO()
     alloc = on_disk(opts.offload_dir) if opts.offload_dir is not None else in_ram
     inputs = capture(model, adapter, calib, opts.batch_size, alloc)
+    targets = layer_targets(model, adapter, opts.allocation, target, inputs, layers, opts.batch_size, alloc, io)
     decoder = adapter.decoder_layers(model)
     x, start, logs = inputs.hidden, 0, []
     if checkpoint is not None and checkpoint.exists():
@@ -158,8 +163,8 @@ def prune_model(
     for i in bar:
         io.enter(i, decoder[i])
         if i in layers:
-            logs.append(prune_layer(decoder[i], adapter, method, target, x, inputs.kwargs[i], out, opts))
-            logs[-1].index = i
+            logs.append(prune_layer(decoder[i], adapter, method, targets[i], x, inputs.kwargs[i], out, opts))
+            logs[-1].index, logs[-1].target = i, targets[i].fraction
         else:
             run_layer(decoder[i], x, inputs.kwargs[i], opts.batch_size, out=out)
         x, out = out, x

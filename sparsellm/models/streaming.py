@@ -122,6 +122,9 @@ class StreamedLayers(LayerIO):
             self.weight_map.update(dict.fromkeys(tensors, shard))
         layer.to("meta")
 
+    def release(self, i: int, layer: nn.Module) -> None:
+        layer.to("meta")
+
     def finish(self) -> None:
         """Write the modules outside the layers and the shard index: the folder is then a complete model."""
         layers = tuple(self.prefixes)
