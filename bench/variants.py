@@ -110,6 +110,7 @@ def main() -> None:
     args = ap.parse_args()
     if isinstance(args.variants, str):
         args.variants = parse_variants(args.variants)
+    args.out = args.out.resolve()  # the runs start in the repository's root
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     saved = args.out / "variants.json"

@@ -143,9 +143,14 @@ def inspect_folder(folder: Path) -> tuple[bool, str]:
         f"layers pruned: {layers[0] if layers else '-'}..{layers[-1] if layers else '-'} of "
         f"{report['config'].get('layers_total')}  measured sparsity: {zeros / max(total, 1):.4f} (kept/total "
         f"{total - zeros}/{total})",
-        "layer  sparsity",
+        "layer  sparsity  target",
     ]
-    lines += [f"{layer:5d}  {z / n:.4f}" for layer, (z, n) in sorted(per_layer.items())]
+    targets = {log["index"]: log.get("target") for log in report.get("layers", [])}
+    for layer, (z, n) in sorted(per_layer.items()):
+        wanted = targets.get(layer)
+        lines.append(f"{layer:5d}  {z / n:.4f}    " + (f"{wanted:.4f}" if isinstance(wanted, float) else "-"))
+        if isinstance(wanted, float) and wanted > 0 and z / n < wanted - 0.01:  # N:M and per-row rounding are finer
+            problems.append(f"layer {layer}: {z / n:.4f} zero on disk, its target is {wanted:.4f}")
     if report.get("perplexity"):
         lines.append(
             "perplexity (from the report): " + ", ".join(f"{k} {v:.3f}" for k, v in report["perplexity"].items())

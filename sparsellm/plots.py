@@ -1,4 +1,4 @@
-"""PNG plots of a pruning report: per-layer reconstruction error, and SparseLLM's per-round curves."""
+"""PNG plots of a pruning report: per-layer reconstruction error and sparsity, SparseLLM's per-round curves."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
     written.append(folder / "recon_error.png")
     fig.savefig(written[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
+    written += _allocation(report, folder)
     curves = [(entry["index"], entry["mlp"]) for entry in layers if entry.get("mlp")]
     if curves:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -55,3 +56,21 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
     return written
+
+
+def _allocation(report: dict, folder: Path) -> list[Path]:
+    """Each layer's sparsity target, when an allocation made them differ."""
+    layers = report["layers"]
+    targets = [entry.get("target", 0.0) for entry in layers]
+    if len(set(targets)) < 2:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([entry["index"] for entry in layers], targets, color="tab:blue")
+    ax.axhline(report["sparsity"]["target_fraction"], color="black", lw=1, label="overall target")
+    title = f"per-layer sparsity ({report['config'].get('allocation')})"
+    ax.set(xlabel="decoder layer", ylabel="sparsity", title=title, ylim=(min(targets) - 0.05, max(targets) + 0.05))
+    ax.legend()
+    path = folder / "allocation.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return [path]

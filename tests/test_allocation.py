@@ -84,5 +84,10 @@ def test_streamed_allocation_equals_the_in_memory_one(tiny_folder, tmp_path):
         return json.loads((out / "report.json").read_text())
 
     memory, streamed = run(), run("--stream")
+    assert (tmp_path / "m" / "plots" / "allocation.png").is_file()
+    inspected = subprocess.run([sys.executable, "-m", "sparsellm", "inspect", str(tmp_path / "s")],
+                               capture_output=True, text=True)  # fmt: skip
+    assert inspected.returncode == 0, inspected.stdout
+    assert f"{memory['layers'][0]['target']:.4f}" in inspected.stdout.split("layer  sparsity  target")[1]
     assert [lg["target"] for lg in memory["layers"]] == [lg["target"] for lg in streamed["layers"]]
     assert memory["sparsity"]["per_matrix"] == streamed["sparsity"]["per_matrix"]
