@@ -6,11 +6,11 @@
 For each target, one `sparsellm prune --method sparsegpt` run saves the dense folder, `sparsellm compress` writes
 its compressed twin and `sparsellm decompress` writes it back (checked byte for byte against the dense files).
 Size table: tensor-file bytes of both folders, and of the pruned linears alone. Load table: `sparsellm.load` of
-each folder, the median of 3 x --repeats (the dense load varies 0.2-0.5 s run to run). Inference table, batch 1, fp32 weights: prefill (one forward pass of
---prompt tokens) and greedy generation (--new tokens after a 32-token prompt, with the KV cache), executed dense
-(torch's nn.Linear) and sparse (each pruned linear as a torch CSR matrix, the fastest of the sparse layouts torch
-offers on this CPU: BSR and COO measured slower); tokens/s, the median of --repeats. `--write` replaces this
-bench's section of BENCHMARKS.md in place.
+each folder, the median of 3 x --repeats (the dense load varies 0.2-0.5 s run to run). Inference table, batch 1,
+fp32 weights: prefill (one forward pass of --prompt tokens) and greedy generation (--new tokens after a 32-token
+prompt, with the KV cache), executed dense (torch's nn.Linear) and sparse (each pruned linear as a torch CSR
+matrix, the fastest of the sparse layouts torch offers on this CPU: BSR and COO measured slower); tokens/s, the
+median of --repeats. `--write` replaces this bench's section of BENCHMARKS.md in place.
 """
 
 from __future__ import annotations
