@@ -126,8 +126,7 @@ class PruneConfig:
         protocol(self.protocol)
         precision.check(self.precision)
         self.refitter()
-        if self.allocator().rule != "uniform" and self.target().is_nm:
-            raise UserError("an N:M target is the same in every layer: --allocation applies to --sparsity targets only")
+        self.allocator().check(self.target())
 
     def allocator(self) -> Allocation:
         return Allocation(self.allocation, self.owl_lambda, self.owl_m)

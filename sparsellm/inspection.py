@@ -56,9 +56,9 @@ def read_report(folder: Path) -> dict:
     return report
 
 
-def _measure(folder: Path, report: dict) -> tuple[dict[str, tuple[int, int]], list[str]]:
+def _measure(weights: SafetensorsWeights, report: dict) -> tuple[dict[str, tuple[int, int]], list[str]]:
     """{matrix: (numel, zeros)} recomputed from the tensors, and what disagrees with the report's entries."""
-    weights, problems, measured = _weights(folder), [], {}
+    problems, measured = [], {}
     target = report["sparsity"]["target"]
     nm = tuple(int(v) for v in target.split(":")) if ":" in target else None
     for name, rec in report["sparsity"]["per_matrix"].items():
@@ -105,9 +105,8 @@ def _check_summary(report: dict, measured: dict[str, tuple[int, int]]) -> list[s
     return problems
 
 
-def _storage(folder: Path, report: dict) -> tuple[str, list[str]]:
+def _storage(folder: Path, weights: SafetensorsWeights, report: dict) -> tuple[str, list[str]]:
     """The line describing how the tensors are stored, measured from the files, and its disagreements."""
-    weights = _weights(folder)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     encodings: dict[str, int] = {}
     for entry in weights.entries.values():
@@ -129,7 +128,8 @@ def _storage(folder: Path, report: dict) -> tuple[str, list[str]]:
 def inspect_folder(folder: Path) -> tuple[bool, str]:
     """(everything agrees, the text to print): every figure printed is recomputed from the tensors."""
     report = read_report(folder)
-    measured, problems = _measure(folder, report)
+    weights = _weights(folder)
+    measured, problems = _measure(weights, report)
     problems = check_files(folder, report) + problems + _check_summary(report, measured)
     per_layer: dict[int, list[int]] = defaultdict(lambda: [0, 0])
     for name, (numel, zeros) in measured.items():
@@ -155,7 +155,7 @@ def inspect_folder(folder: Path) -> tuple[bool, str]:
         lines.append(
             "perplexity (from the report): " + ", ".join(f"{k} {v:.3f}" for k, v in report["perplexity"].items())
         )
-    storage, storage_problems = _storage(folder, report)
+    storage, storage_problems = _storage(folder, weights, report)
     problems += storage_problems
     lines.append(storage)
     lines.append("manifest: " + json.dumps(report.get("manifest", {}), indent=1))

@@ -329,8 +329,8 @@ def _store(folder: Path, save_format: str, target: str) -> dict:
 def _compress(source: Path, folder: Path, target: str) -> dict:
     from .models import compressed
 
-    nm = tuple(int(v) for v in target.split(":")) if ":" in target else None
-    stored = compressed.compress_folder(source, folder, nm)
+    nm = api.parse_nm(target) if ":" in target else None
+    stored = compressed.compress_folder(source, folder, (nm.n, nm.m) if nm else None)
     return {"format": "compressed", "bytes": stored.stored_bytes, "dense_bytes": stored.dense_bytes,
             "encodings": stored.encodings}  # fmt: skip
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.errors import UserError
 from ..core.types import LayerIO
 from ..methods.allocation import Allocation, hill_alpha, outlier_fraction
 from ..methods.base import Target
@@ -28,10 +27,9 @@ def layer_targets(
     io: LayerIO,
 ) -> dict[int, Target]:
     """{layer: its target}, their mean weighted by the pruned parameters equal to `target`."""
+    allocation.check(target)
     if allocation.rule == "uniform":
         return dict.fromkeys(layers, target)
-    if target.is_nm:
-        raise UserError("an N:M target is the same in every layer: --allocation applies to --sparsity targets only")
     scores, sizes = _scores(model, adapter, allocation, inputs, layers, batch_size, alloc, io)
     order = sorted(scores)
     fractions = allocation.sparsities([scores[i] for i in order], [sizes[i] for i in order], target.sparsity)

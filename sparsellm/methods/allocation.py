@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import UserError
+from .base import Target
 
 RULES = ("uniform", "owl", "alpha")
 
@@ -38,6 +39,10 @@ class Allocation:
             raise UserError(f"the allocation's spread (--owl-lambda) must be in [0, 0.5); got {self.spread}")
         if not (self.owl_m > 0 and math.isfinite(self.owl_m)):
             raise UserError(f"--owl-m must be a positive number; got {self.owl_m}")
+
+    def check(self, target: Target) -> None:
+        if self.rule != "uniform" and target.is_nm:
+            raise UserError("an N:M target is the same in every layer: --allocation applies to --sparsity targets only")
 
     @property
     def needs_data(self) -> bool:
