@@ -17,6 +17,7 @@ from torch import nn
 
 from .core import parallel, precision
 from .core.errors import UserError, require_free_space
+from .core.files import mask_sha256, state_sha256
 from .core.types import LayerIO
 from .data import texts
 from .engine import CHECKPOINT_EVERY
@@ -28,6 +29,8 @@ from .methods.allocation import Allocation
 from .methods.base import EVENT_KINDS
 from .methods.refit import Refit
 from .models.adapters import Adapter, adapter_for, context_length
+from .recovery.run import recover as recover
+from .recovery.trainer import RecoverConfig as RecoverConfig
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ class PruneConfig:
 
 
 REFITS = ("none", "pcg")
-REPORT_SCHEMA = 3  # report.json's layout; raised whenever a field changes meaning or moves
+REPORT_SCHEMA = 4  # report.json's layout; raised whenever a field changes meaning or moves
 
 
 @dataclass
@@ -163,6 +166,7 @@ class Report:
     manifest: dict = field(default_factory=dict)  # command, time, seed, data and calibration-token hashes
     files_sha256: dict = field(default_factory=dict)  # every saved tensor file; `inspect` re-hashes them
     storage: dict = field(default_factory=dict)  # save format, bytes stored and dense, encodings chosen
+    recovery: dict = field(default_factory=dict)  # fine-tuning after pruning (recovery/run.py), with before/after
     schema: int = REPORT_SCHEMA
 
     def to_dict(self) -> dict:
@@ -202,9 +206,19 @@ def layer_zeros(adapter: Adapter, i: int, layer: nn.Module) -> dict[str, tuple[i
     }
 
 
+def layer_masks(adapter: Adapter, i: int, layer: nn.Module) -> dict[str, str]:
+    """{"layers.i.path": sha256 of its zero pattern} of the layer's prunable matrices."""
+    return {f"layers.{i}.{path}": mask_sha256(linear.weight) for path, linear in adapter.linears(layer).items()}
+
+
 def model_zeros(model: nn.Module, adapter: Adapter, layer_ids: list[int]) -> dict[str, tuple[int, int]]:
     decoder = adapter.decoder_layers(model)
     return {k: v for i in layer_ids for k, v in layer_zeros(adapter, i, decoder[i]).items()}
+
+
+def model_masks(model: nn.Module, adapter: Adapter, layer_ids: list[int]) -> dict[str, str]:
+    decoder = adapter.decoder_layers(model)
+    return {k: v for i in layer_ids for k, v in layer_masks(adapter, i, decoder[i]).items()}
 
 
 class ZeroTally(LayerIO):
@@ -215,6 +229,7 @@ class ZeroTally(LayerIO):
         self.adapter, self.layer_ids, self.inner = adapter, set(layer_ids), inner
         self.before: dict[str, tuple[int, int]] = {}
         self.after: dict[str, tuple[int, int]] = {}
+        self.masks: dict[str, str] = {}
 
     def enter(self, i: int, layer: nn.Module) -> None:
         self.inner.enter(i, layer)
@@ -224,13 +239,21 @@ class ZeroTally(LayerIO):
     def leave(self, i: int, layer: nn.Module) -> None:
         if i in self.layer_ids:
             self.after.update(layer_zeros(self.adapter, i, layer))
+            self.masks.update(layer_masks(self.adapter, i, layer))
         self.inner.leave(i, layer)
 
 
-def sparsity_summary(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], target: Target) -> dict:
-    """Measured zeros of every pruned matrix, with the dense model's own zeros beside them."""
+def sparsity_summary(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], target: Target,
+                     masks: dict[str, str]) -> dict:  # fmt: skip
+    """Measured zeros and zero pattern of every pruned matrix, with the dense model's own zeros beside them."""
     per_matrix = {
-        name: {"numel": numel, "zeros": z, "dense_zeros": before[name][1], "measured": z / numel}
+        name: {
+            "numel": numel,
+            "zeros": z,
+            "dense_zeros": before[name][1],
+            "measured": z / numel,
+            "mask_sha256": masks[name],
+        }  # fmt: skip
         for name, (numel, z) in after.items()
     }
     total = sum(m["numel"] for m in per_matrix.values())
@@ -321,6 +344,7 @@ def prune(
         )
     if io is None:
         tally.after = model_zeros(model, plan.adapter, plan.layer_ids)
+        tally.masks = model_masks(model, plan.adapter, plan.layer_ids)
     timing = {"data_s": t_data - t_start, "prune_s": time.perf_counter() - t_data}
     extra = {"resumed": resumed, "activations": activations, "tokens_sha256": calib_sha}
     return _report(model, config, plan, logs, tally, timing, extra)
@@ -342,7 +366,7 @@ def _report(model: nn.Module, config: PruneConfig, plan: _Plan, logs, tally: Zer
             "ranks": parallel.world(),
             "activations": extra["activations"],
         },
-        sparsity=sparsity_summary(tally.before, tally.after, plan.target),
+        sparsity=sparsity_summary(tally.before, tally.after, plan.target, tally.masks),
         layers=[asdict(log) for log in logs],
         timing=timing,
         data={
@@ -419,15 +443,11 @@ def _fingerprint(model: nn.Module, run: dict, calib_sha: str) -> dict:
     """What must be equal for a checkpoint to be resumed: the arguments, the data and the model's weights."""
     from .core import __version__
 
-    weights = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        weights.update(name.encode())
-        weights.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return {
         **run,
         "calibration_tokens": calib_sha,
         "model": f"{type(model).__name__} {sum(p.numel() for p in model.parameters())} params",
-        "weights_sha256": weights.hexdigest(),  # the content, so a model changed in place is not resumed
+        "weights_sha256": state_sha256(model.state_dict()),  # the content, so a model changed in place is not resumed
         "sparsellm": __version__,
     }
 

@@ -47,6 +47,15 @@ def _storage(storage: dict) -> str:
             "`sparsellm decompress THIS_FOLDER OUT`.")  # fmt: skip
 
 
+def _recovery(recovery: dict) -> list[str]:
+    if not recovery:
+        return []
+    config = recovery["config"]
+    return [f"- Recovered after pruning: fine-tuned on {recovery['tokens']} tokens of {recovery['data']['name']} "
+            f"(loss {config['loss']}, teacher {recovery['teacher']}), every pruned weight held at zero. The figures "
+            "below are after recovery; report.json has them before too."]  # fmt: skip
+
+
 def model_card(report: dict, base_model: str | None) -> str:
     """README.md for a pruned folder, from its report."""
     sparsity, config = report["sparsity"], report["config"]
@@ -54,7 +63,7 @@ def model_card(report: dict, base_model: str | None) -> str:
     body = [
         f"# {report['model']}, pruned with {report['method']} to {sparsity['target']}",
         "",
-        f"Pruned in one shot, without retraining, by sparsellm {report['versions'].get('sparsellm', '')}.",
+        f"Pruned in one shot by sparsellm {report['versions'].get('sparsellm', '')}.",
         "",
         f"- Method: {report['method']}; target {sparsity['target']}; measured sparsity {sparsity['measured']:.4f} of "
         f"the pruned linears ({sparsity['kept_over_total']} weights kept).",
@@ -62,6 +71,7 @@ def model_card(report: dict, base_model: str | None) -> str:
         f"- Calibration: {config['nsamples']} x {config['seqlen']} tokens of {report['data']['calibration']['name']}, "
         f"seed {config['seed']}; protocol {report['protocol']}; arithmetic {report['precision'].get('name', 'fp32')}.",
         _storage(report.get("storage", {})),
+        *_recovery(report.get("recovery", {})),
         "",
         f"## Perplexity ({report['protocol']} protocol)",
         "",

@@ -1,4 +1,5 @@
-"""`sparsellm prune | eval | inspect`: bad input is a one-line error with exit status 2, never a traceback."""
+"""`sparsellm prune | recover | eval | inspect | compress | decompress`: bad input is a one-line error with exit
+status 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -154,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {CHECKPOINT_EVERY:g}; 0: after every layer). A kill loses at most about this much work",
     )
 
+    r = p.add_argument_group("recovery after pruning (sparsellm recover has every option)")
+    r.add_argument("--recover-tokens", type=_positive_int, help="then fine-tune on this many tokens, zeros held, in "
+                   "windows of --seqlen (default 512)")  # fmt: skip
+    r.add_argument("--recover-loss", default="kl", help="kl (default), kl+hidden or ce")
+    r.add_argument("--recover-data", default="c4", help="c4 (default), ptb or a .txt/.jsonl file")
+    r.add_argument("--recover-lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+
+    _add_recover_parser(sub)
+
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or pruned folder")
     e.add_argument("model")
     e.add_argument("--datasets", help="perplexity datasets (default: wikitext2,ptb,c4 unless only --tasks is given)")
@@ -170,6 +180,35 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer sparsity, N:M validity and the manifest of a pruned folder")
     i.add_argument("folder")
     return parser
+
+
+def _add_recover_parser(sub) -> None:
+    r = sub.add_parser("recover", help="fine-tune a pruned folder with its zeros held, distilling from the dense model")
+    r.add_argument("folder", help="a folder written by `sparsellm prune`")
+    r.add_argument("--teacher", help="the dense model (default: the model the folder was pruned from)")
+    r.add_argument("--tokens", type=_positive_int, required=True, help="training tokens in all")
+    r.add_argument("--loss", default="kl", help="kl (KL to the teacher's logits; default), kl+hidden (plus "
+                   "SquareHead's per-layer normalised hidden-state MSE) or ce (next-token, no teacher)")  # fmt: skip
+    r.add_argument("--data", default="c4", help="c4 or ptb (train splits, calibration windows left out) or a "
+                   ".txt/.jsonl file; a bundled evaluation text is refused")  # fmt: skip
+    r.add_argument("--train-seqlen", type=_positive_int, default=512, help="tokens per training window")
+    r.add_argument("--batch-size", type=_positive_int, default=8, help="windows per optimizer step")
+    r.add_argument("--micro-batch", type=_positive_int, default=4, help="windows per forward pass (accumulated)")
+    r.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW")
+    r.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps warming up, then cosine decay")
+    r.add_argument("--weight-decay", type=float, default=0.0)
+    r.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+    r.add_argument("--seed", type=int, default=0, help="order of the training windows")
+    r.add_argument("--freeze", default="embeddings,head", help="parts that do not train: embeddings, norms, head "
+                   "(comma-separated; none trains them all). The pruned linears' zeros never train")  # fmt: skip
+    _add_eval_args(r)
+    r.add_argument("--eval", default="wikitext2", help="perplexity datasets before and after (default wikitext2)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--save-format", choices=("dense", "compressed"), default="dense")
+    r.add_argument("--overwrite", action="store_true", help="replace an output folder sparsellm wrote")
+    r.add_argument("--resume", action="store_true", help="continue a killed run from OUT.checkpoint")
+    r.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY, metavar="SECONDS",
+                   help="save the training state after a step once this many seconds have passed")  # fmt: skip
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -232,6 +271,51 @@ def _eval_spec(args, datasets: tuple[str, ...]):
     return EvalSpec(datasets, args.tasks, args.limit, args.hellaswag_file, args.protocol, args.seqlen, args.precision)
 
 
+def _freeze(text: str) -> tuple[str, ...]:
+    return () if text.strip() == "none" else tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _print_result(result: dict, out: str) -> None:
+    row = {
+        "method": result["method"],
+        "target": result["sparsity"]["target"],
+        "measured": f"{result['sparsity']['measured']:.4f}",
+        "precision": result["precision"]["name"],
+        "prune s": f"{result['timing']['prune_s']:.1f}",
+        "peak RSS MB": f"{result['peak_rss_mb']:.0f}",
+        **{k: f"{v:.2f}" for k, v in result["perplexity"].items()},
+    }
+    recovery = result.get("recovery")
+    if recovery:
+        row["recover s"] = f"{recovery['train_s']:.0f} ({recovery['tokens_per_s']:.0f} tok/s)"
+        row.update({f"{k} before": f"{v:.2f}" for k, v in recovery["before"]["perplexity"].items()})
+    if result["zeroshot"]:
+        row["zero-shot mean acc"] = f"{result['zeroshot']['mean_acc']:.4f} (limit {result['zeroshot']['limit']})"
+    print(_table([row], list(row)))
+    storage = result["storage"]
+    size = f"{storage['bytes'] / 1e6:.1f} MB of {storage['format']} safetensors"
+    if storage["format"] == "compressed":
+        size += f", {storage['bytes'] / storage['dense_bytes']:.3f}x dense"
+    print(f"saved {out}/ ({size}; report.json inside)")
+
+
+def cmd_recover(args) -> int:
+    from . import api, pipeline
+
+    config = api.RecoverConfig(
+        tokens=args.tokens, loss=args.loss, data=args.data, seqlen=args.train_seqlen, batch_size=args.batch_size,
+        micro_batch=args.micro_batch, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
+        seed=args.seed, freeze=_freeze(args.freeze), precision=args.precision,
+    )  # fmt: skip
+    output = pipeline.Output(Path(args.out), args.overwrite, args.resume, args.checkpoint_every, args.save_format)
+    spec = pipeline.ModelSpec(args.folder, args.device, args.dtype, args.stream)
+    result = pipeline.recover(Path(args.folder), args.teacher, spec, config,
+                              _eval_spec(args, _datasets(args.eval)), output)  # fmt: skip
+    if result is not None:
+        _print_result(result, args.out)
+    return 0
+
+
 def cmd_prune(args) -> int:
     from . import api, pipeline
 
@@ -244,26 +328,15 @@ def cmd_prune(args) -> int:
         allocation=args.allocation, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
     )  # fmt: skip
     output = pipeline.Output(Path(args.out), args.overwrite, args.resume, args.checkpoint_every, args.save_format)
-    result = pipeline.prune(_model_spec(args), config, _eval_spec(args, _datasets(args.eval)), output)
-    if result is None:
-        return 0
-    row = {
-        "method": result["method"],
-        "target": result["sparsity"]["target"],
-        "measured": f"{result['sparsity']['measured']:.4f}",
-        "precision": result["precision"]["name"],
-        "prune s": f"{result['timing']['prune_s']:.1f}",
-        "peak RSS MB": f"{result['peak_rss_mb']:.0f}",
-        **{k: f"{v:.2f}" for k, v in result["perplexity"].items()},
-    }
-    if result["zeroshot"]:
-        row["zero-shot mean acc"] = f"{result['zeroshot']['mean_acc']:.4f} (limit {result['zeroshot']['limit']})"
-    print(_table([row], list(row)))
-    storage = result["storage"]
-    size = f"{storage['bytes'] / 1e6:.1f} MB of {storage['format']} safetensors"
-    if storage["format"] == "compressed":
-        size += f", {storage['bytes'] / storage['dense_bytes']:.3f}x dense"
-    print(f"saved {args.out}/ ({size}; report.json inside)")
+    recovery = None
+    if args.recover_tokens:
+        recovery = api.RecoverConfig(
+            tokens=args.recover_tokens, loss=args.recover_loss, data=args.recover_data, lr=args.recover_lr,
+            precision=args.precision, seqlen=args.seqlen or 512,
+        )  # fmt: skip
+    result = pipeline.prune(_model_spec(args), config, _eval_spec(args, _datasets(args.eval)), output, recovery)
+    if result is not None:
+        _print_result(result, args.out)
     return 0
 
 
@@ -333,9 +406,9 @@ def main(argv: list[str] | None = None) -> int:
 
         keep_freed_memory()
         torch.set_num_threads(args.threads or _threads_per_rank())
-        if args.command in ("prune", "eval"):
+        if args.command in ("prune", "eval", "recover"):
             start_ranks(args.device)
-        commands = {"prune": cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect}
+        commands = {"prune": cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect, "recover": cmd_recover}
         commands.update(compress=cmd_convert, decompress=cmd_convert)
         return commands[args.command](args)
     except UserError as e:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .core.errors import UserError, reading
-from .core.files import sha256_file
+from .core.files import mask_sha256, sha256_file
 from .models.streaming import SafetensorsWeights
 
 
@@ -74,6 +74,12 @@ def _measure(weights: SafetensorsWeights, report: dict) -> tuple[dict[str, tuple
                             f"{rec.get('numel')} ({rec.get('measured')})")  # fmt: skip
         if nm and not nm_valid(w, *nm):
             problems.append(f"{name}: not a valid {target} pattern")
+        if "mask_sha256" in rec and mask_sha256(w) != rec["mask_sha256"]:
+            problems.append(f"{name}: its zeros on disk are not the ones the report records")
+    recorded = {name: rec.get("mask_sha256") for name, rec in report["sparsity"]["per_matrix"].items()}
+    source = report.get("recovery", {}).get("source_masks", {})
+    problems += [f"{name}: recovery changed its zeros (the pruned folder's mask differs)"
+                 for name, sha in source.items() if recorded.get(name) != sha]  # fmt: skip
     return measured, problems
 
 
@@ -125,6 +131,15 @@ def _storage(folder: Path, weights: SafetensorsWeights, report: dict) -> tuple[s
                   for k, v in found.items() if stated.get(k) != v]  # fmt: skip
 
 
+def _recovery_line(recovery: dict) -> str:
+    config, data = recovery["config"], recovery["data"]
+    before, after = recovery["before"]["perplexity"], recovery["after"]["perplexity"]
+    change = ", ".join(f"{k} {before[k]:.2f} -> {after[k]:.2f}" for k in after if k in before)
+    return (f"recovered: {recovery['tokens']} tokens of {data['name']} ({config['loss']}, teacher "
+            f"{recovery.get('teacher')}); zeros held in {len(recovery['source_masks'])} matrices"
+            + (f"; perplexity {change}" if change else ""))  # fmt: skip
+
+
 def inspect_folder(folder: Path) -> tuple[bool, str]:
     """(everything agrees, the text to print): every figure printed is recomputed from the tensors."""
     report = read_report(folder)
@@ -155,6 +170,8 @@ def inspect_folder(folder: Path) -> tuple[bool, str]:
         lines.append(
             "perplexity (from the report): " + ", ".join(f"{k} {v:.3f}" for k, v in report["perplexity"].items())
         )
+    if report.get("recovery"):
+        lines.append(_recovery_line(report["recovery"]))
     storage, storage_problems = _storage(folder, weights, report)
     problems += storage_problems
     lines.append(storage)

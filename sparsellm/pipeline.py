@@ -4,6 +4,7 @@ time), prune it, evaluate it, and write the result folder atomically. The CLI is
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fcntl
 import os
@@ -213,7 +214,7 @@ def _readable(folder: Path) -> None:
 
 def _checkpoint_file(name: str) -> bool:
     """A name the checkpoint writes (engine/checkpoint.py), or one of its atomic writes' temporaries."""
-    return name.startswith(("state.pt", "layer_"))
+    return name.startswith(("state.pt", "layer_", "recovery"))
 
 
 @contextlib.contextmanager
@@ -246,11 +247,16 @@ def disk_full(e: BaseException) -> bool:
     return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
 
 
-def prune(spec: ModelSpec, config: api.PruneConfig, evals: EvalSpec, output: Output) -> dict | None:
-    """Load, prune, evaluate and save; the report as written (None on ranks other than 0)."""
+def prune(spec: ModelSpec, config: api.PruneConfig, evals: EvalSpec, output: Output,
+          recovery: api.RecoverConfig | None = None) -> dict | None:  # fmt: skip
+    """Load, prune (then recover, if asked), evaluate and save; the report as written (None on ranks but 0)."""
     config.validate()
     evals.check(spec.stream)
     output.check()
+    if recovery is not None:
+        recovery.validate()
+        if spec.stream:
+            raise UserError("--recover-tokens trains the whole model: it does not run with --stream")
     if spec.stream and parallel.world() > 1:
         raise UserError("--stream runs in one process (not under torchrun)")
     with _exclusive(output.folder):
@@ -259,18 +265,24 @@ def prune(spec: ModelSpec, config: api.PruneConfig, evals: EvalSpec, output: Out
         if spec.stream:
             report = _prune_streamed(spec, config, evals, output)
         else:
-            report = _prune_in_memory(spec, config, evals, output, checkpoint_dir)
+            report = _prune_in_memory(spec, config, evals, output, checkpoint_dir, recovery)
         if report is not None and checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the result is in place: the checkpoint has served
     return report
 
 
-def _prune_in_memory(spec, config, evals: EvalSpec, output: Output, checkpoint_dir: Path | None) -> dict | None:
+def _prune_in_memory(spec, config, evals: EvalSpec, output: Output, checkpoint_dir: Path | None,
+                     recovery: api.RecoverConfig | None) -> dict | None:  # fmt: skip
     loaded = load(spec)
     output.check_space(loaded.model, copies=1 if checkpoint_dir is None else 2)  # the checkpoint holds pruned layers
+    teacher = copy.deepcopy(loaded.model) if recovery is not None and recovery.loss != "ce" else None
     report = api.prune(
         loaded.model, loaded.tokenizer, config, checkpoint_dir=checkpoint_dir, checkpoint_every=output.checkpoint_every
     )
+    if recovery is not None:
+        pruned = {**report.to_dict(), "model": spec.name}
+        report.recovery = _recover(loaded, teacher, spec.name, recovery, pruned, evals, checkpoint_dir, output)
+        del teacher
     _add_evaluation(report, loaded, evals)
     if not parallel.is_main():  # the ranks computed the same model; rank 0 alone writes and reports
         return None
@@ -298,12 +310,83 @@ def _prune_streamed(spec, config, evals: EvalSpec, output: Output) -> dict:
         return _write_report(tmp, report, spec, output.save_format)
 
 
+def _recover(loaded: Loaded, teacher: nn.Module | None, teacher_name: str, config: api.RecoverConfig, pruned: dict,
+             evals: EvalSpec, checkpoint_dir: Path | None, output: Output) -> dict:  # fmt: skip
+    """Evaluate the pruned model, train it with its zeros held, and say so: the report's "recovery" section (the
+    evaluation after it is the report's own perplexity and zeroshot)."""
+    before = _before(loaded, pruned, evals)
+    section = api.recover(loaded.model, loaded.tokenizer, config, teacher, pruned,
+                          checkpoint_dir=checkpoint_dir, checkpoint_every=output.checkpoint_every)  # fmt: skip
+    for name, sha in section["source_masks"].items():  # equal to the pattern now (api.recover checked)
+        pruned["sparsity"]["per_matrix"][name]["mask_sha256"] = sha
+    return {"teacher": teacher_name if teacher is not None else None, **section, "before": before}
+
+
+def _before(loaded: Loaded, pruned: dict, evals: EvalSpec) -> dict:
+    """The pruned model's perplexity and zero-shot accuracy: the report's, where it measured exactly what `evals`
+    asks (same protocol, texts and task limit), else measured now."""
+    seqlen = {d.get("seqlen") for d in pruned.get("data", {}).get("evaluation", {}).values()}
+    same = (pruned.get("protocol") == evals.protocol and evals.seqlen in (None, *seqlen)
+            and set(evals.datasets) <= set(pruned.get("perplexity", {})))  # fmt: skip
+    zeroshot = pruned.get("zeroshot") or {}
+    if same and (not evals.tasks or (zeroshot.get("limit") == evals.limit and zeroshot.get("tasks"))):
+        return {"perplexity": {d: pruned["perplexity"][d] for d in evals.datasets}, "zeroshot": zeroshot,
+                "source": "the pruned folder's report"}  # fmt: skip
+    evaluated = evaluate(loaded, evals)
+    return {"perplexity": evaluated["perplexity"], "zeroshot": evaluated["zeroshot"], "source": "measured"}
+
+
+def recover(source: Path, teacher_name: str | None, spec: ModelSpec, config: api.RecoverConfig, evals: EvalSpec,
+            output: Output) -> dict | None:  # fmt: skip
+    """`sparsellm recover`: a folder `sparsellm prune` wrote, fine-tuned with its zeros held, into `output`."""
+    from .inspection import check_files, read_report
+
+    config.validate()
+    evals.check(stream=False)
+    if spec.stream:
+        raise UserError("recover trains the whole model: it does not run with --stream")
+    pruned = read_report(source)
+    if problems := check_files(source, pruned):
+        raise UserError(f"{source} does not match its report.json ({problems[0]}); `sparsellm inspect` says more")
+    if pruned.get("recovery"):
+        raise UserError(f"{source} was recovered already; recover the pruned folder it came from")
+    output.check()
+    if output.folder.resolve() == source.resolve():
+        raise UserError("write into another folder than the one read")
+    with _exclusive(output.folder):
+        output.check()
+        checkpoint_dir = output.checkpoint_dir(stream=False)
+        loaded = load(ModelSpec(str(source), spec.device, spec.dtype))
+        output.check_space(loaded.model, copies=1 if checkpoint_dir is None else 4)  # + the optimizer's moments
+        teacher_name = teacher_name or pruned.get("model", "")
+        teacher = None if config.loss == "ce" else load(ModelSpec(teacher_name, spec.device, "float32")).model
+        kept = {k: v for k, v in pruned.items() if k in api.Report.__dataclass_fields__ and k != "schema"}
+        report = api.Report(**kept)
+        report.recovery = _recover(loaded, teacher, teacher_name, config, pruned, evals, checkpoint_dir, output)
+        report.recovery["pruned"] = {"folder": str(source.resolve()), "files_sha256": pruned["files_sha256"],
+                                     "command": pruned.get("manifest", {}).get("command")}  # fmt: skip
+        del teacher
+        _add_evaluation(report, loaded, evals)
+        result = None
+        if parallel.is_main():
+            with output.writing() as tmp:
+                loaded.model.save_pretrained(tmp)
+                loaded.tokenizer.save_pretrained(tmp)
+                result = _write_report(tmp, report, ModelSpec(pruned.get("model", "")), output.save_format)
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return result
+
+
 def _add_evaluation(report: api.Report, loaded: Loaded, evals: EvalSpec) -> None:
     evaluated = evaluate(loaded, evals)
     report.perplexity, report.zeroshot = evaluated["perplexity"], evaluated["zeroshot"]
     report.data.update(evaluated["data"])
     report.timing.update(load_s=loaded.seconds, **evaluated["timing"])
     report.peak_rss_mb = api.peak_rss_mb()
+    if report.recovery:
+        report.recovery["after"] = {"perplexity": report.perplexity, "zeroshot": report.zeroshot}
+        report.timing["recover_s"] = report.recovery["train_s"]
 
 
 def _write_report(folder: Path, report: api.Report, spec: ModelSpec, save_format: str) -> dict:

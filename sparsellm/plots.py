@@ -29,6 +29,7 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
     fig.savefig(written[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
     written += _allocation(report, folder)
+    written += _recovery(report, folder)
     curves = [(entry["index"], entry["mlp"]) for entry in layers if entry.get("mlp")]
     if curves:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -71,6 +72,26 @@ def _allocation(report: dict, folder: Path) -> list[Path]:
     ax.set(xlabel="decoder layer", ylabel="sparsity", title=title, ylim=(min(targets) - 0.05, max(targets) + 0.05))
     ax.legend()
     path = folder / "allocation.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return [path]
+
+
+def _recovery(report: dict, folder: Path) -> list[Path]:
+    """The recovery's loss per step, with its learning rate."""
+    curve = report.get("recovery", {}).get("curve")
+    if not curve:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tokens = [s["tokens"] for s in curve]
+    ax.plot(tokens, [s["loss"] for s in curve], color="C0")
+    ax.set(xlabel="training tokens", ylabel=f"loss ({report['recovery']['config']['loss']})",
+           title=f"recovery of {report['method']} {report['sparsity']['target']}")  # fmt: skip
+    ax.grid(alpha=0.3)
+    lr = ax.twinx()
+    lr.plot(tokens, [s["lr"] for s in curve], color="C1", alpha=0.5)
+    lr.set_ylabel("learning rate", color="C1")
+    path = folder / "recovery.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [path]

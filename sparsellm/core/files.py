@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+
+import numpy as np
+import torch
 
 
 def sha256_file(path: Path) -> str:
@@ -30,3 +34,19 @@ def _finite(value):
 def strict_json(value) -> str:
     """JSON any strict parser reads: non-finite numbers become null instead of bare NaN/Infinity literals."""
     return json.dumps(_finite(value), indent=1, allow_nan=False)
+
+
+def mask_sha256(weight: torch.Tensor) -> str:
+    """The sha256 of a matrix's sparsity pattern (one bit a weight, set where it is not zero; -0.0 is zero), so
+    two folders' masks compare without their values."""
+    bits = np.packbits(weight.detach().ne(0).cpu().numpy().reshape(-1))
+    return hashlib.sha256(f"{tuple(weight.shape)}".encode() + bits.tobytes()).hexdigest()
+
+
+def state_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The sha256 of named tensors' bytes, in name order: a model's weights, to tell whether they changed."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

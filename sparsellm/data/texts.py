@@ -152,34 +152,39 @@ def eval_windows(tokenizer, corpus: Corpus, seqlen: int, max_windows: int | None
 
 def calibration(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """SparseGPT's sampler: [nsamples, seqlen] token windows, seeded with `random.seed(seed)`."""
+    picks, encoded = calibration_picks(tokenizer, corpus, nsamples, seqlen, seed)
+    return torch.stack([encoded(doc)[start : start + seqlen] for doc, start in picks])
+
+
+def calibration_picks(tokenizer, corpus: Corpus, nsamples: int, seqlen: int, seed: int = 0):
+    """([(document, first token)] of each calibration window, the tokens of a document by index): the sampler's
+    choices, so that training data can leave them out. A joined corpus is document 0."""
     rng = random.Random(seed)
-    if corpus.joined:
-        ids = tokenize_stream(tokenizer, corpus)
-        if ids.numel() <= seqlen:
-            raise UserError(f"calibration text {corpus.name} has {ids.numel()} tokens; need more than seqlen={seqlen}")
-        starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
-        return torch.stack([ids[s : s + seqlen] for s in starts])
     cache: dict[int, torch.Tensor] = {}
 
     def encoded(i: int) -> torch.Tensor:
         if i not in cache:
-            cache[i] = tokenizer(corpus.documents[i], return_tensors="pt").input_ids[0]
+            cache[i] = tokenize_stream(tokenizer, corpus) if corpus.joined else tokenizer(
+                corpus.documents[i], return_tensors="pt").input_ids[0]  # fmt: skip
         return cache[i]
 
+    if corpus.joined:
+        n = encoded(0).numel()
+        if n <= seqlen:
+            raise UserError(f"calibration text {corpus.name} has {n} tokens; need more than seqlen={seqlen}")
+        return [(0, rng.randint(0, n - seqlen - 1)) for _ in range(nsamples)], encoded
     # A token spans at least one character (plus perhaps a BOS), so shorter documents can never qualify;
     # checking that one exists keeps the rejection loop below from spinning forever.
     if not any(encoded(i).numel() > seqlen for i in range(len(corpus.documents)) if len(corpus.documents[i]) >= seqlen):
         raise UserError(f"no calibration document in {corpus.name} is longer than seqlen={seqlen} tokens")
-    samples = []
+    picks = []
     for _ in range(nsamples):
         while True:
             i = rng.randint(0, len(corpus.documents) - 1)
             if encoded(i).numel() > seqlen:
                 break
-        ids = encoded(i)
-        start = rng.randint(0, ids.numel() - seqlen - 1)
-        samples.append(ids[start : start + seqlen])
-    return torch.stack(samples)
+        picks.append((i, rng.randint(0, encoded(i).numel() - seqlen - 1)))
+    return picks, encoded
 
 
 def default_online() -> bool:
