@@ -275,3 +275,27 @@ def test_random_damage_to_model_files_never_gives_a_traceback(damage, stream, ti
         assert not out.exists()
     else:
         assert (out / "report.json").is_file()
+
+
+def test_split_builtins_assemble_in_part_order_and_are_checked_by_hash(tmp_path, monkeypatch):
+    import hashlib
+
+    from sparsellm.models import loading
+
+    parts = [bytes([i]) * (100 + i) for i in range(1, 12)]  # part10 and part11 must follow part9, not part1
+    for i, data in enumerate(parts, 1):
+        (tmp_path / f"part{i}" / "data").mkdir(parents=True)
+        (tmp_path / f"part{i}" / "data" / f"part{i:02d}.bin").write_bytes(data)
+    whole = b"".join(parts)
+    monkeypatch.setenv("SPARSELLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "_package_dir", lambda name, install: tmp_path / name)
+    packages = tuple(f"part{i}" for i in range(1, 12))
+    good = loading.Builtin(packages, "data", "pip install parts", "x/y", hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(loading.BUILTINS, "split-test", good)
+    assert loading.builtin_gguf("split-test").read_bytes() == whole
+
+    bad = loading.Builtin(packages, "data", "pip install parts", "x/y", "0" * 64)
+    monkeypatch.setitem(loading.BUILTINS, "split-bad", bad)
+    with pytest.raises(UserError, match="do not assemble into the expected file"):
+        loading.builtin_gguf("split-bad")
+    assert sorted(f.name for f in (tmp_path / "cache" / "gguf").iterdir()) == ["split-test.gguf"]

