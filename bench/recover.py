@@ -1,10 +1,11 @@
 """Recovery after pruning: quality before and after `sparsellm recover`, and the training throughput.
 
-    python bench/recover.py --folders runs/rec/sllm70,runs/rec/sgpt24 --tokens 262144 [--reuse] [--write]
+    python bench/recover.py --folders runs/rec/sllm70,runs/rec/sgpt24 --tokens 500000 [--reuse] [--write]
+    python bench/recover.py --folders runs/rec/sllm70 --tokens 65536 --lrs 3e-4,1e-3 --eval c4 --section recover-lr
     python bench/recover.py --throughput runs/rec/sllm70 [--write]
 
-Quality: each pruned folder (a `sparsellm prune` output) is recovered with the defaults (`--loss kl`, C4 train
-without the calibration windows, 8 x 512 tokens a step) and evaluated on WikiText-2, PTB and C4 before and after;
+Quality: each pruned folder (a `sparsellm prune` output) is recovered at each learning rate with the other defaults
+(`--loss kl`, C4 train without the calibration windows, 8 x 512 tokens a step) and evaluated before and after;
 `sparsellm inspect` must pass on the result (its zeros are the pruned folder's). Throughput: tokens a second of
 one optimizer step (8 windows of 512 in micro-batches of 4) after one warm-up step, for plain fine-tuning (ce, no
 teacher) and the distillation step with its teacher, in bf16 autocast and fp32, on the same folder.
@@ -29,12 +30,12 @@ def commit() -> str:
     ).stdout.strip()
 
 
-def recover(folder: Path, args) -> dict:
-    """Recover `folder` (or reuse the result) and the row of the table."""
-    out = args.out / f"{folder.name}-{args.loss}-{args.tokens}"
+def recover(folder: Path, lr: str, args) -> dict:
+    """Recover `folder` at learning rate `lr` (or reuse the result) and the row of the table."""
+    out = args.out / f"{folder.name}-{args.loss}-lr{lr}-{args.tokens}"
     if not (args.reuse and (out / "report.json").is_file()):
         cmd = [sys.executable, "-m", "sparsellm", "recover", str(folder), "--tokens", str(args.tokens), "--loss",
-               args.loss, "--eval", "wikitext2,ptb,c4", "--out", str(out), "--overwrite",
+               args.loss, "--lr", lr, "--eval", args.eval, "--out", str(out), "--overwrite",
                *shlex.split(args.extra)]  # fmt: skip
         print("bench:", shlex.join(cmd), file=sys.stderr)
         with open(args.out / f"{out.name}.log", "w") as log:
@@ -43,28 +44,30 @@ def recover(folder: Path, args) -> dict:
     report = json.loads((out / "report.json").read_text())
     inspected = subprocess.run([sys.executable, "-m", "sparsellm", "inspect", str(out)], capture_output=True, cwd=ROOT)
     rec = report["recovery"]
-    before, after = rec["before"]["perplexity"], rec["after"]["perplexity"]
     return {
         "model": f"{report['method']} {report['sparsity']['target']}",
         "loss": rec["config"]["loss"],
+        "lr": rec["config"]["lr"],
         "tokens": rec["tokens"],
-        **{f"{k} before": before[k] for k in after},
-        **{f"{k} after": after[k] for k in after},
+        "before": rec["before"]["perplexity"],
+        "after": rec["after"]["perplexity"],
         "train s": rec["train_s"],
         "tok/s": rec["tokens_per_s"],
-        "precision": rec["precision"]["name"],
-        "masks held (inspect)": "yes" if inspected.returncode == 0 else "NO",
+        "masks held": "yes" if inspected.returncode == 0 else "NO",
     }
 
 
 def quality_table(rows: list[dict]) -> str:
-    lines = ["| pruned model | loss | tokens | WikiText-2 before -> after | PTB | C4 | train s | tok/s | masks held |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    names = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
+    datasets = [d for d in names if d in rows[0]["after"]]
+    lines = ["| pruned model | loss | lr | tokens | " + " | ".join(f"{names[d]} before -> after" for d in datasets)
+             + " | train s | tok/s | masks held |", "|---" * (7 + len(datasets)) + "|"]  # fmt: skip
     for r in rows:
-        ppl = [f"{r[f'{d} before']:.2f} -> **{r[f'{d} after']:.2f}** ({r[f'{d} after'] / r[f'{d} before']:.3f})"
-               for d in ("wikitext2", "ptb", "c4")]  # fmt: skip
-        lines.append(f"| {r['model']} | {r['loss']} | {r['tokens']} | {' | '.join(ppl)} | {r['train s']:.0f} | "
-                     f"{r['tok/s']:.0f} | {r['masks held (inspect)']} |")  # fmt: skip
+        ppl = [
+            f"{r['before'][d]:.2f} -> **{r['after'][d]:.2f}** ({r['after'][d] / r['before'][d]:.3f})" for d in datasets
+        ]
+        lines.append(f"| {r['model']} | {r['loss']} | {r['lr']:g} | {r['tokens']} | {' | '.join(ppl)} | "
+                     f"{r['train s']:.0f} | {r['tok/s']:.0f} | {r['masks held']} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -112,7 +115,10 @@ def throughput_table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--folders", default="", help="pruned folders to recover, comma-separated")
-    ap.add_argument("--tokens", type=int, default=262144)
+    ap.add_argument("--tokens", type=int, default=500000)
+    ap.add_argument("--lrs", default="1e-3", help="peak learning rates, comma-separated")
+    ap.add_argument("--eval", default="wikitext2,ptb,c4", help="perplexity datasets before and after")
+    ap.add_argument("--section", default="recover-quality", help="the BENCHMARKS.md section to replace")
     ap.add_argument("--loss", default="kl")
     ap.add_argument("--extra", default="", help="more `sparsellm recover` arguments")
     ap.add_argument("--throughput", type=Path, help="a pruned folder to time the training step on")
@@ -127,11 +133,11 @@ def main() -> None:
     header = (f"`python bench/recover.py {shlex.join(sys.argv[1:])}` on {machine()}, "
               f"{args.busy or 'nothing else running'}; started {started}, commit {commit()}.")  # fmt: skip
     if args.folders:
-        rows = [recover(Path(f).resolve(), args) for f in args.folders.split(",")]
+        rows = [recover(Path(f).resolve(), lr, args) for f in args.folders.split(",") for lr in args.lrs.split(",")]
         text = f"### Before and after recovery: smollm2-135m, quick protocol\n\n{header}\n\n{quality_table(rows)}\n"
         print(text)
         if args.write:
-            write_section(text, f"recover-quality-{args.loss}")
+            write_section(text, args.section)
     if args.throughput:
         text = (f"### Recovery throughput: smollm2-135m\n\n{header}\n\n"
                 f"{throughput_table(throughput(args.throughput.resolve()))}\n")  # fmt: skip

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "windows of --seqlen (default 512)")  # fmt: skip
     r.add_argument("--recover-loss", default="kl", help="kl (default), kl+hidden or ce")
     r.add_argument("--recover-data", default="c4", help="c4 (default), ptb or a .txt/.jsonl file")
-    r.add_argument("--recover-lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    r.add_argument("--recover-lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
 
     _add_recover_parser(sub)
 
@@ -194,7 +194,7 @@ def _add_recover_parser(sub) -> None:
     r.add_argument("--train-seqlen", type=_positive_int, default=512, help="tokens per training window")
     r.add_argument("--batch-size", type=_positive_int, default=8, help="windows per optimizer step")
     r.add_argument("--micro-batch", type=_positive_int, default=4, help="windows per forward pass (accumulated)")
-    r.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW")
+    r.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default 1e-3)")
     r.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps warming up, then cosine decay")
     r.add_argument("--weight-decay", type=float, default=0.0)
     r.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
@@ -207,8 +207,9 @@ def _add_recover_parser(sub) -> None:
     r.add_argument("--save-format", choices=("dense", "compressed"), default="dense")
     r.add_argument("--overwrite", action="store_true", help="replace an output folder sparsellm wrote")
     r.add_argument("--resume", action="store_true", help="continue a killed run from OUT.checkpoint")
-    r.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY, metavar="SECONDS",
-                   help="save the training state after a step once this many seconds have passed")  # fmt: skip
+    r.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
+                   help="save the training state (weights and AdamW's moments: 3 copies of the trained weights) after "
+                   "a step once this many seconds have passed (default 300; 0: every step)")  # fmt: skip
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:

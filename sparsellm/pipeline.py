@@ -255,8 +255,8 @@ def prune(spec: ModelSpec, config: api.PruneConfig, evals: EvalSpec, output: Out
     output.check()
     if recovery is not None:
         recovery.validate()
-        if spec.stream:
-            raise UserError("--recover-tokens trains the whole model: it does not run with --stream")
+        if spec.stream or spec.dtype != "float32":
+            raise UserError("--recover-tokens trains the whole model's fp32 weights: not with --stream or --dtype")
     if spec.stream and parallel.world() > 1:
         raise UserError("--stream runs in one process (not under torchrun)")
     with _exclusive(output.folder):
@@ -325,11 +325,16 @@ def _recover(loaded: Loaded, teacher: nn.Module | None, teacher_name: str, confi
 def _before(loaded: Loaded, pruned: dict, evals: EvalSpec) -> dict:
     """The pruned model's perplexity and zero-shot accuracy: the report's, where it measured exactly what `evals`
     asks (same protocol, texts and task limit), else measured now."""
-    seqlen = {d.get("seqlen") for d in pruned.get("data", {}).get("evaluation", {}).values()}
-    same = (pruned.get("protocol") == evals.protocol and evals.seqlen in (None, *seqlen)
-            and set(evals.datasets) <= set(pruned.get("perplexity", {})))  # fmt: skip
+    seqlen = api.seqlen_for(loaded.model, api.protocol(evals.protocol), evals.seqlen)
+    measured = pruned.get("data", {}).get("evaluation", {})
+    same = pruned.get("protocol") == evals.protocol and all(
+        d in pruned.get("perplexity", {}) and measured.get(d, {}).get("seqlen") == seqlen for d in evals.datasets
+    )
+    from .eval.zeroshot import check_request
+
     zeroshot = pruned.get("zeroshot") or {}
-    if same and (not evals.tasks or (zeroshot.get("limit") == evals.limit and zeroshot.get("tasks"))):
+    asked = set(check_request(evals.tasks, evals.limit, evals.hellaswag_file)) if evals.tasks else set()
+    if same and (not asked or (zeroshot.get("limit") == evals.limit and set(zeroshot.get("tasks", {})) == asked)):
         return {"perplexity": {d: pruned["perplexity"][d] for d in evals.datasets}, "zeroshot": zeroshot,
                 "source": "the pruned folder's report"}  # fmt: skip
     evaluated = evaluate(loaded, evals)
@@ -339,20 +344,15 @@ def _before(loaded: Loaded, pruned: dict, evals: EvalSpec) -> dict:
 def recover(source: Path, teacher_name: str | None, spec: ModelSpec, config: api.RecoverConfig, evals: EvalSpec,
             output: Output) -> dict | None:  # fmt: skip
     """`sparsellm recover`: a folder `sparsellm prune` wrote, fine-tuned with its zeros held, into `output`."""
-    from .inspection import check_files, read_report
-
     config.validate()
     evals.check(stream=False)
     if spec.stream:
         raise UserError("recover trains the whole model: it does not run with --stream")
-    pruned = read_report(source)
-    if problems := check_files(source, pruned):
-        raise UserError(f"{source} does not match its report.json ({problems[0]}); `sparsellm inspect` says more")
+    if spec.dtype != "float32":
+        raise UserError("recover trains fp32 master weights (bf16 only in the products, --precision): --dtype float32")
+    pruned = _source_report(source, output)
     if pruned.get("recovery"):
         raise UserError(f"{source} was recovered already; recover the pruned folder it came from")
-    output.check()
-    if output.folder.resolve() == source.resolve():
-        raise UserError("write into another folder than the one read")
     with _exclusive(output.folder):
         output.check()
         checkpoint_dir = output.checkpoint_dir(stream=False)
@@ -429,10 +429,22 @@ def _finish(folder: Path, report: dict) -> dict:
     return report
 
 
+def _source_report(source: Path, output: Output) -> dict:
+    """The report of a folder `sparsellm prune` wrote, its files checked against it; and `output` checked."""
+    from .inspection import check_files, read_report
+
+    report = read_report(source)
+    if problems := check_files(source, report):
+        raise UserError(f"{source} does not match its report.json ({problems[0]}); `sparsellm inspect` says more")
+    output.check()
+    if output.folder.resolve() == source.resolve():
+        raise UserError("write into another folder than the one read")
+    return report
+
+
 def convert(source: Path, output: Output) -> dict:
     """A folder `sparsellm prune` wrote, in `output.save_format`: compressed, or the dense twin of a compressed one
     (the same tensors, byte for byte). The source's files are checked against its report first."""
-    from .inspection import check_files, read_report
     from .models import compressed
 
     packed = source.is_dir() and compressed.is_compressed(source)
@@ -440,12 +452,7 @@ def convert(source: Path, output: Output) -> dict:
         raise UserError(f"{source} is not a compressed folder (no *{compressed.SUFFIX} files in it)")
     if output.save_format == "compressed" and packed:
         raise UserError(f"{source} is compressed already")
-    report = read_report(source)
-    if problems := check_files(source, report):
-        raise UserError(f"{source} does not match its report.json ({problems[0]}); `sparsellm inspect` says more")
-    output.check()
-    if output.folder.resolve() == source.resolve():
-        raise UserError("write into another folder than the one read")
+    report = _source_report(source, output)
     with _exclusive(output.folder):
         output.check()
         require_free_space(output.folder.resolve().parent, report.get("storage", {}).get("dense_bytes", 0) + 2**26,
