@@ -131,7 +131,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     header = (f"`python bench/recover.py {shlex.join(sys.argv[1:])}` on {machine()}, "
-              f"{args.busy or 'nothing else running'}; started {started}, commit {commit()}.")  # fmt: skip
+              f"{args.busy or 'nothing else running'}; started {started}, commit {commit()}"
+              + ("; recovered folders already in OUT were reused, not run again." if args.reuse else "."))  # fmt: skip
     if args.folders:
         rows = [recover(Path(f).resolve(), lr, args) for f in args.folders.split(",") for lr in args.lrs.split(",")]
         text = f"### Before and after recovery: smollm2-135m, quick protocol\n\n{header}\n\n{quality_table(rows)}\n"
