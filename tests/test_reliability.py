@@ -81,8 +81,8 @@ def test_killed_run_resumes_to_the_identical_model(tmp_path):
 def test_the_checkpoint_is_written_when_its_interval_has_passed_and_after_the_last_layer(every, tmp_path, monkeypatch):
     from sparsellm.engine import checkpoint as ckpt
 
-    written, real = [], ckpt._atomic
-    monkeypatch.setattr(ckpt, "_atomic", lambda path, write: written.append(path.name) or real(path, write))
+    written, real = [], ckpt.write_atomic
+    monkeypatch.setattr(ckpt, "write_atomic", lambda path, write: written.append(path.name) or real(path, write))
     model, calib = tiny_model("llama"), torch.randint(0, 100, (4, 32))
     adapter, layers = adapter_for(model), {0, 1}
     checkpoint = Checkpoint(tmp_path, {"run": 1}, every)
@@ -101,14 +101,14 @@ def test_the_checkpoint_is_written_when_its_interval_has_passed_and_after_the_la
 
 
 def test_a_checkpoint_write_that_fails_leaves_no_partial_file(tmp_path):
-    from sparsellm.engine.checkpoint import _atomic
+    from sparsellm.core.files import write_atomic
 
     def fill_the_disk(path):
         path.write_bytes(b"half a state")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OSError, match="No space left"):
-        _atomic(tmp_path / "state.pt", fill_the_disk)
+        write_atomic(tmp_path / "state.pt", fill_the_disk)
     assert list(tmp_path.iterdir()) == []
 
 

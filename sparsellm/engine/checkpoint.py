@@ -13,7 +13,6 @@ A fingerprint of the run's arguments guards against resuming with different ones
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,19 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.errors import UserError
-from ..core.files import sha256_file
+from ..core.files import sha256_file, write_atomic
 from ..models.adapters import Adapter
 from . import CHECKPOINT_EVERY
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-    except BaseException:  # a full disk or a kill between the bytes: leave no partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
 
 
 class Checkpoint:
@@ -64,11 +53,11 @@ class Checkpoint:
         for i, done in self.pending:
             weights = {path: lin.weight.data.contiguous() for path, lin in adapter.linears(done).items()}
             path = self.folder / f"layer_{i:04d}.safetensors"
-            _atomic(path, lambda p, w=weights: save_file(w, p))
+            write_atomic(path, lambda p, w=weights: save_file(w, p))
             self.hashes[path.name] = sha256_file(path)
         state = {"fingerprint": self.fingerprint, "done": index, "x": x_next, "logs": [asdict(g) for g in logs],
                  "files_sha256": dict(self.hashes)}  # fmt: skip
-        _atomic(self.state_path, lambda p: torch.save(state, p))
+        write_atomic(self.state_path, lambda p: torch.save(state, p))
         self.pending, self.written = [], time.monotonic()
 
     def load(self, decoder: nn.ModuleList, adapter: Adapter) -> tuple[int, torch.Tensor, list[dict]]:

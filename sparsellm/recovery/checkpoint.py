@@ -10,7 +10,6 @@ optimizer and schedule are the whole state: a resumed run repeats the uninterrup
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,19 +17,9 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UserError
-from ..core.files import sha256_file
+from ..core.files import sha256_file, write_atomic
 
 INDEX = "recovery.json"
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
 
 
 class TrainingCheckpoint:
@@ -47,9 +36,9 @@ class TrainingCheckpoint:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"recovery_step_{step:06d}.pt"
-        _atomic(path, lambda p: torch.save({"step": step, **state()}, p))
+        write_atomic(path, lambda p: torch.save({"step": step, **state()}, p))
         index = {"fingerprint": self.fingerprint, "file": path.name, "sha256": sha256_file(path)}
-        _atomic(self.folder / INDEX, lambda p: p.write_text(json.dumps(index)))
+        write_atomic(self.folder / INDEX, lambda p: p.write_text(json.dumps(index)))
         for old in self.folder.glob("recovery_step_*.pt"):
             if old != path:
                 old.unlink()

@@ -68,7 +68,7 @@ class RecoverConfig:
         return self.tokens // (self.batch_size * self.seqlen)
 
 
-def trainable(model: nn.Module, linears: dict[str, nn.Linear], freeze: tuple[str, ...]) -> list[nn.Parameter]:
+def trainable(model: nn.Module, freeze: tuple[str, ...]) -> list[nn.Parameter]:
     """Set which parameters train: all but the frozen kinds (a tied head freezes with the embeddings)."""
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     frozen: set[int] = set()
@@ -105,7 +105,7 @@ class Trainer:
                  arithmetic: precision.Precision):  # fmt: skip
         self.student, self.teacher, self.masks, self.config = student, teacher, masks, config
         self.arithmetic = arithmetic
-        self.params = trainable(student, masks.linears, config.freeze)
+        self.params = trainable(student, config.freeze)
         fused = {"foreach": True} if next(student.parameters()).device.type == "cpu" else {"fused": True}
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay, **fused)
         steps = config.steps()
