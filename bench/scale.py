@@ -1,15 +1,22 @@
-"""Scale benchmarks (issue 6): peak RSS and time of in-memory vs streamed pruning for random-init models of
-SmolLM2's width with 4 and 32 decoder layers; and SparseGPT on SmolLM2 with 1 vs 2 gloo ranks.
+"""Scale benchmarks: peak memory and time of in-memory vs streamed pruning for random-init models of SmolLM2's
+width with 4 and 32 decoder layers; SparseGPT on SmolLM2 with 1 vs 2 gloo ranks; and peak anonymous memory of a
+prune under memory budgets.
 
     python bench/scale.py layers   # 4 vs 32 layers, --stream vs in memory
     python bench/scale.py ranks    # torchrun 1 vs 2 ranks on smollm2-135m, SparseGPT 70%, quick protocol
+    python bench/scale.py memory --nsamples 32 --seqlen 2048 --budgets default,256MB   # SparseLLM 70%, SmolLM2
+    python bench/scale.py memory --model qwen2.5-coder-1.5b --method sparsegpt --budgets 2GB --stream
 
-Every run is a fresh process; figures come from its report.json (peak RSS is the process's VmHWM).
+Every run is a fresh process; figures come from its report.json (VmHWM: resident memory of every kind) and, in
+`memory`, from /proc/PID/status sampled every 50 ms (RssAnon: anonymous pages only, without the pages of
+memory-mapped files, which the OS can write out and drop under pressure; a peak shorter than 50 ms can be missed).
 """
 
+import argparse
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +73,80 @@ def ranks() -> None:
               f"{r['perplexity']['wikitext2']:.2f} |", flush=True)  # fmt: skip
 
 
+def rss_anon_mb(pid: int) -> float:
+    """The process's anonymous resident memory now, MB (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    line = next((x for x in status.splitlines() if x.startswith("RssAnon:")), "RssAnon: 0 kB")
+    return int(line.split()[1]) / 1024
+
+
+def sampled(cmd: list[str], log: Path) -> tuple[int, float, float]:
+    """Run `cmd`, sampling its RssAnon every 50 ms: (exit code, wall seconds, peak RssAnon MB)."""
+    t0, peak = time.perf_counter(), [0.0]
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
+
+        def watch():
+            while proc.poll() is None:
+                peak[0] = max(peak[0], rss_anon_mb(proc.pid))
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        code = proc.wait()
+        watcher.join()
+    return code, time.perf_counter() - t0, peak[0]
+
+
+def where(plan: dict, size: str, folder: str) -> str:
+    return ("disk" if plan[folder] else "RAM") if plan[size] else "-"
+
+
+def memory(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="scale.py memory")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--method", default="sparsellm")
+    ap.add_argument("--sparsity", default="0.7")
+    ap.add_argument("--nsamples", default="32")
+    ap.add_argument("--seqlen", default="512")
+    ap.add_argument("--batch-size", default="8")
+    ap.add_argument("--budgets", default="default,256MB", help="--max-memory values; 'default': none given")
+    ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--eval", default="", help="datasets to evaluate after pruning (none by default)")
+    args = ap.parse_args(argv)
+    print("| model | method | tokens | --max-memory | mode | prune s | wall s | peak RssAnon MB | VmHWM MB "
+          "| activations | auxiliaries | WikiText-2 |\n|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for budget in args.budgets.split(","):
+        name = f"{args.model}-{args.method}-{args.nsamples}x{args.seqlen}-{budget}{'-stream' if args.stream else ''}"
+        out = OUT / name
+        cmd = [sys.executable, "-m", "sparsellm", "prune", args.model, "--method", args.method, "--sparsity",
+               args.sparsity, "--nsamples", args.nsamples, "--seqlen", args.seqlen, "--batch-size",
+               args.batch_size, "--out", str(out), "--overwrite"]  # fmt: skip
+        cmd += ["--eval", args.eval] if args.eval else []
+        cmd += [] if budget == "default" else ["--max-memory", budget]
+        cmd += ["--stream"] if args.stream else []
+        code, wall, peak = sampled(cmd, OUT / f"{name}.log")
+        if code:
+            raise SystemExit(f"scale: {' '.join(cmd)} failed; see {OUT / f'{name}.log'}")
+        report = json.loads((out / "report.json").read_text())
+        plan = report["config"]["activations"]
+        ppl = report["perplexity"].get("wikitext2")
+        print(f"| {args.model} | {args.method} | {args.nsamples} x {args.seqlen} | {budget} | "
+              f"{'stream' if args.stream else 'in memory'} | {report['timing']['prune_s']:.0f} | {wall:.0f} | "
+              f"{peak:.0f} | {report['peak_rss_mb']:.0f} | {plan['bytes'] / 2**20:.0f} MiB "
+              f"{where(plan, 'bytes', 'offload_dir')} | {plan['auxiliary_bytes'] / 2**20:.0f} MiB "
+              f"{where(plan, 'auxiliary_bytes', 'auxiliary_dir')} | {ppl or ''} |", flush=True)  # fmt: skip
+        for f in out.glob("*.safetensors"):
+            f.unlink()
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
-    {"layers": layers, "ranks": ranks}[sys.argv[1]]()
+    mode, rest = sys.argv[1], sys.argv[2:]
+    if mode == "memory":
+        memory(rest)
+    else:
+        {"layers": layers, "ranks": ranks}[mode]()

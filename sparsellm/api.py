@@ -108,8 +108,8 @@ class PruneConfig:
     true_sequential: bool = False
     batch_size: int = 8
     method_options: dict = field(default_factory=dict)  # SparseLLM: rounds, alpha, beta, gamma, dense_attention_input
-    max_memory: int | None = None  # bytes of RAM for layer inputs/outputs (default: half the RAM); beyond: disk
-    offload_dir: str | None = None  # where offloaded activations go (default: the temporary folder)
+    max_memory: int | None = None  # bytes of RAM for per-token tensors (default: half the RAM); beyond: disk
+    offload_dir: str | None = None  # where offloaded tensors go (default: the temporary folder)
     precision: str = "auto"  # matrix products: bf16 (fp32 sums and solves) where the hardware has it, else fp32
     refit: str = "none"  # "pcg": re-solve each pruned linear's kept weights on its Hessian (methods/refit.py)
     refit_iterations: int = 20
@@ -283,6 +283,7 @@ class _Plan:
     corpus: texts.Corpus
     calib: torch.Tensor
     precision: precision.Precision
+    memory: dict  # where the large per-token tensors live (`_memory_plan`)
 
 
 def _plan(model: nn.Module, tokenizer, config: PruneConfig) -> _Plan:
@@ -298,11 +299,12 @@ def _plan(model: nn.Module, tokenizer, config: PruneConfig) -> _Plan:
         raise UserError(f"--batch-size must be at least 1; got {config.batch_size}")
     layer_ids = parse_layers(config.layers, len(adapter.decoder_layers(model)))
     _check_nm_width(model, adapter, layer_ids, target)
-    _check_fits(model, adapter, method, nsamples * seqlen)
+    rows = parallel.shard(nsamples)
+    memory = _memory_plan(model, adapter, method, (rows.stop - rows.start) * seqlen, config)
     chosen = precision.resolve(config.precision, next(p for p in model.parameters() if not p.is_meta).device)
     corpus = texts.corpus(config.calib, "train", online=texts.default_online())
     calib = texts.calibration(tokenizer, corpus, nsamples, seqlen, config.seed)
-    return _Plan(adapter, target, method, proto, seqlen, nsamples, layer_ids, corpus, calib, chosen)
+    return _Plan(adapter, target, method, proto, seqlen, nsamples, layer_ids, corpus, calib, chosen, memory)
 
 
 def prune(
@@ -328,9 +330,15 @@ def prune(
     if io is None:  # the whole model is here: count now, so layers restored from a checkpoint count too
         tally.before = model_zeros(model, plan.adapter, plan.layer_ids)
     local = plan.calib[parallel.shard(plan.calib.shape[0])]  # data parallel: this rank's samples (all, alone)
-    activations = _activation_plan(model, local, config)
-    offload = Path(activations["offload_dir"]) if activations["offload_dir"] else None
-    opts = EngineOptions(config.batch_size, config.true_sequential, offload, config.refitter(), config.allocator())
+    folder = lambda key: Path(plan.memory[key]) if plan.memory[key] else None  # noqa: E731
+    opts = EngineOptions(
+        batch_size=config.batch_size,
+        true_sequential=config.true_sequential,
+        offload_dir=folder("offload_dir"),
+        auxiliary_dir=folder("auxiliary_dir"),
+        refit=config.refitter(),
+        allocation=config.allocator(),
+    )
     calib_sha = tensor_sha256(plan.calib.to(torch.int64))
     checkpoint = None
     if checkpoint_dir is not None:
@@ -346,7 +354,7 @@ def prune(
         tally.after = model_zeros(model, plan.adapter, plan.layer_ids)
         tally.masks = model_masks(model, plan.adapter, plan.layer_ids)
     timing = {"data_s": t_data - t_start, "prune_s": time.perf_counter() - t_data}
-    extra = {"resumed": resumed, "activations": activations, "tokens_sha256": calib_sha}
+    extra = {"resumed": resumed, "tokens_sha256": calib_sha}
     return _report(model, config, plan, logs, tally, timing, extra)
 
 
@@ -364,7 +372,7 @@ def _report(model: nn.Module, config: PruneConfig, plan: _Plan, logs, tally: Zer
             "family": plan.adapter.family,
             "resumed": extra["resumed"],
             "ranks": parallel.world(),
-            "activations": extra["activations"],
+            "activations": plan.memory,
         },
         sparsity=sparsity_summary(tally.before, tally.after, plan.target, tally.masks),
         layers=[asdict(log) for log in logs],
@@ -390,35 +398,37 @@ def default_max_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def _activation_plan(model: nn.Module, local: torch.Tensor, config: PruneConfig) -> dict:
-    """Where this rank's layer inputs and outputs (2 x samples x seqlen x hidden) live: RAM, or a file."""
+def _memory_plan(model: nn.Module, adapter: Adapter, method, tokens: int, config: PruneConfig) -> dict:
+    """Where this rank's large per-token tensors live, decided before anything is allocated: the layer inputs and
+    outputs (2 x tokens x d in the model's dtype) in RAM if they fit in --max-memory, then a joint-MLP method's
+    auxiliaries ((2f + 3d) x 4 bytes a token: Z, S, Y, the MLP inputs, the attention outputs) if they fit in
+    what is left; whatever does not fit is memory-mapped from files in --offload-dir, whose free space is checked.
+    """
     param = next(p for p in model.parameters() if not p.is_meta)
-    nbytes = 2 * local.numel() * model.config.hidden_size * param.element_size()
+    d = model.config.hidden_size
+    f = adapter.mlp(adapter.decoder_layers(model)[0]).up.out_features
+    activations = 2 * tokens * d * param.element_size()
+    auxiliaries = tokens * (2 * f + 3 * d) * 4 if method.joint_mlp else 0
     limit = config.max_memory if config.max_memory is not None else default_max_memory()
-    offload = nbytes > limit and param.device.type == "cpu"
+    on_cpu = param.device.type == "cpu"  # accelerator memory is not mapped from files
+    offload_activations = on_cpu and activations > limit
+    in_ram = 0 if offload_activations else activations
+    offload_auxiliaries = on_cpu and auxiliaries > 0 and in_ram + auxiliaries > limit
     folder = Path(config.offload_dir or tempfile.gettempdir())
-    if offload:
+    on_disk = activations * offload_activations + auxiliaries * offload_auxiliaries
+    if on_disk:
         if not (folder.is_dir() and os.access(folder, os.W_OK)):
             raise UserError(f"--offload-dir {folder} is not a writable folder")
         # The backing files are unlinked and sparse: a disk that fills up under them kills the run with SIGBUS.
-        advice = "free some space, choose another --offload-dir or raise --max-memory"
-        require_free_space(folder, nbytes, f"--offload-dir {folder}", advice)
-    return {"bytes": nbytes, "max_memory": limit, "offload_dir": str(folder) if offload else None}
-
-
-def _check_fits(model: nn.Module, adapter: Adapter, method, tokens: int) -> None:
-    """Refuse, before anything is allocated, calibration whose in-RAM part cannot fit this machine's memory: the
-    token ids (8 bytes a token) and a joint-MLP method's auxiliaries ((2f + 3d) x 4 bytes a token). The layer
-    activations can go to disk (--max-memory) and are checked against the disk later."""
-    d = model.config.hidden_size
-    f = adapter.mlp(adapter.decoder_layers(model)[0]).up.out_features
-    needed = tokens * (8 + ((2 * f + 3 * d) * 4 if method.joint_mlp else 0))
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if needed > ram:
-        raise UserError(
-            f"{tokens} calibration tokens need about {needed / 2**30:.1f} GiB of RAM, and this machine has "
-            f"{ram / 2**30:.1f} GiB; use fewer --nsamples (or a shorter --seqlen)"
-        )
+        advice = "free some space, choose another --offload-dir, raise --max-memory or use fewer --nsamples"
+        require_free_space(folder, on_disk, f"--offload-dir {folder}", advice)
+    return {
+        "bytes": activations,
+        "max_memory": limit,
+        "offload_dir": str(folder) if offload_activations else None,
+        "auxiliary_bytes": auxiliaries,
+        "auxiliary_dir": str(folder) if offload_auxiliaries else None,
+    }
 
 
 def _check_nm_width(model: nn.Module, adapter: Adapter, layer_ids: list[int], target: Target) -> None:

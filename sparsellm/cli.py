@@ -100,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
         "--max-memory",
-        help="RAM for the calibration activations (layer inputs and outputs), e.g. 8GB; beyond it they are "
-        "memory-mapped from a file in --offload-dir (default: half the machine's RAM)",
+        help="RAM for the per-token tensors (layer inputs and outputs, then SparseLLM's auxiliaries), e.g. 8GB; "
+        "what does not fit is memory-mapped from files in --offload-dir (default: half the machine's RAM)",
     )
-    p.add_argument("--offload-dir", help="folder for offloaded activations (default: the system's temporary folder)")
+    p.add_argument("--offload-dir", help="folder for offloaded tensors (default: the system's temporary folder)")
     p.add_argument(
         "--refit",
         choices=("none", "pcg"),

@@ -75,9 +75,10 @@ def test_every_method_refits_with_exact_sparsity_and_a_lower_error(method, tiny_
 
 def test_the_engine_refits_each_linear_on_its_own_hessian(smollm2):
     """On a real layer: every linear's calibration error with the refit is at most the method's alone."""
+    from sparsellm.core.memory import in_ram
     from sparsellm.engine.stats import recording
     from sparsellm.models.adapters import adapter_for, submodule
-    from sparsellm.models.layers import capture, in_ram, run_layer
+    from sparsellm.models.layers import capture, run_layer
 
     model, tokenizer = smollm2
     adapter = adapter_for(model)

@@ -73,14 +73,24 @@ def test_streamed_pruning_and_evaluation_equal_the_in_memory_run(tiny_folder, in
     assert sparsellm("inspect", out).returncode == 0
 
 
-def test_activations_offloaded_to_disk_give_the_same_model(tiny_folder, in_memory, tmp_path):
+@pytest.mark.parametrize("budget", ["nothing", "activations"])
+def test_tensors_offloaded_to_disk_give_the_same_model(budget, tiny_folder, in_memory, tmp_path):
+    """A budget smaller than the layer activations sends them and SparseLLM's auxiliaries to disk; one that holds
+    the activations alone sends only the auxiliaries. Either way the model is the in-memory run's, to the bit."""
+    planned = report(in_memory)["config"]["activations"]
+    assert planned["offload_dir"] is None and planned["auxiliary_dir"] is None
+    assert planned["auxiliary_bytes"] > planned["bytes"] > 1024
+    max_memory = {"nothing": "1KB", "activations": f"{planned['bytes']}B"}[budget]
+    offload = tmp_path / "offload"
+    offload.mkdir()
     out = tmp_path / "offloaded"
-    sparsellm("prune", tiny_folder, "--method", "sparsellm", *COMMON, "--max-memory", "1KB",
-              "--offload-dir", tmp_path, "--out", out)  # fmt: skip
+    sparsellm("prune", tiny_folder, "--method", "sparsellm", *COMMON, "--max-memory", max_memory,
+              "--offload-dir", offload, "--out", out)  # fmt: skip
     assert_same_model(in_memory, out)
-    assert report(out)["config"]["activations"]["offload_dir"] == str(tmp_path)
-    assert report(in_memory)["config"]["activations"]["offload_dir"] is None
-    assert not list(tmp_path.glob("sparsellm-activations-*"))  # the backing files are gone
+    plan = report(out)["config"]["activations"]
+    assert plan["offload_dir"] == (str(offload) if budget == "nothing" else None)
+    assert plan["auxiliary_dir"] == str(offload)
+    assert not list(offload.iterdir())  # the backing files are gone
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "sparsellm"])

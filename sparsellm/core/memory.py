@@ -1,6 +1,13 @@
-"""glibc's memory policy, in one place. In memory (the default), keep freed memory in the process: the layer
-passes allocate the same large temporaries over and over. Streamed (`map_large_blocks`), hand large blocks back:
-layer-sized tensors come and go once each, and a kept heap would grow with the number of layers.
+"""Where large tensors live, and glibc's memory policy, in one place.
+
+Allocators (`Alloc`): `in_ram`, or `on_disk(folder)`, a file mapping the OS pages in and out, so tensors larger
+than the memory budget (layer activations, SparseLLM's auxiliaries) cost disk, not RAM. Their pages are
+file-backed: under pressure the kernel writes them out instead of failing, and they never count as anonymous
+memory.
+
+glibc's policy. In memory (the default), keep freed memory in the process: the layer passes allocate the same
+large temporaries over and over. Streamed (`map_large_blocks`), hand large blocks back: layer-sized tensors come
+and go once each, and a kept heap would grow with the number of layers.
 
 By default glibc hands every allocation above its mmap threshold (at most 32 MB, and a trimmed heap top) back to
 the kernel on free, so the next batch's attention scores ([8, 9, 512, 512] fp32 = 75 MB on SmolLM2) and MLP
@@ -13,10 +20,55 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
+import os
 import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 KEEP = 1 << 30  # allocations up to 1 GB come from the reused heap; larger ones (a 7B model's states) are mapped
+
+Alloc = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+
+
+def in_ram(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def on_disk(folder: Path) -> Alloc:
+    """Allocate CPU tensors memory-mapped from a file in `folder` (unlinked at once, so nothing is left behind):
+    the OS keeps in RAM only the pages that fit and writes the rest to the file."""
+
+    def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if device.type != "cpu":
+            return in_ram(shape, dtype, device)
+        fd, path = tempfile.mkstemp(dir=folder, prefix="sparsellm-activations-")
+        os.close(fd)
+        try:
+            return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+        finally:
+            os.unlink(path)
+
+    return alloc
+
+
+class Sink:
+    """Writes successive batches of rows into one tensor of n rows, made by `alloc` on the first batch (so in the
+    batches' dtype and shape)."""
+
+    def __init__(self, n: int, alloc: Alloc):
+        self.n, self.alloc, self.filled = n, alloc, 0
+        self.tensor: torch.Tensor | None = None
+
+    def write(self, rows: torch.Tensor) -> None:
+        if self.tensor is None:
+            self.tensor = self.alloc((self.n, *rows.shape[1:]), rows.dtype, rows.device)
+        self.tensor[self.filled : self.filled + rows.shape[0]] = rows
+        self.filled += rows.shape[0]
 
 
 def _glibc(function: str):

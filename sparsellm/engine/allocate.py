@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.memory import Alloc
 from ..core.types import LayerIO
 from ..methods.allocation import Allocation, hill_alpha, outlier_fraction
 from ..methods.base import Target
 from ..models.adapters import Adapter, submodule
-from ..models.layers import Alloc, LayerInputs, run_layer
+from ..models.layers import LayerInputs, run_layer
 from .stats import recording
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core import parallel
 from ..core.errors import UserError
+from ..core.memory import Alloc, Sink, in_ram
 from ..methods.base import Method, MLPResult, Target
 from ..models.adapters import Adapter, submodule
 from ..models.layers import StopForward, call_layer
@@ -22,23 +23,31 @@ from ..models.layers import StopForward, call_layer
 
 @torch.no_grad()
 def mlp_inputs(
-    layer: nn.Module, adapter: Adapter, x: torch.Tensor, kwargs: dict, batch_size: int, keep_attention: bool = False
+    layer: nn.Module,
+    adapter: Adapter,
+    x: torch.Tensor,
+    kwargs: dict,
+    batch_size: int,
+    alloc: Alloc = in_ram,
+    keep_attention: bool = False,
 ) -> tuple[torch.Tensor, list]:
-    """The MLP's input for every calibration token, [N, d], as the layer currently computes it, and with
+    """The MLP's input for every calibration token, [N, d] fp32, as the layer currently computes it, and with
     `keep_attention` the attention's output of every batch (for `replaying`; its attention weights, which layers
-    discard, dropped; otherwise the list is empty).
+    discard, dropped; otherwise the list is empty), both kept in tensors made by `alloc`.
 
     The forward stops as soon as the MLP's first linear is reached: the MLP itself need not run.
     """
-    chunks: list[torch.Tensor] = []
-    attention: list = []
+    tokens = x.shape[0] * x.shape[1]
+    inputs, attention = Sink(tokens, alloc), Sink(x.shape[0], alloc)
+    extra: list[int] = []  # how many outputs the attention returns besides the hidden states (empty: a bare tensor)
 
     def record(_module, args):
-        chunks.append(args[0].reshape(-1, args[0].shape[-1]).float())
+        inputs.write(args[0].reshape(-1, args[0].shape[-1]).float())
         raise StopForward
 
     def record_attention(_module, _args, out):
-        attention.append((out[0], *(None for _ in out[1:])) if isinstance(out, tuple) else out)
+        attention.write(out[0] if isinstance(out, tuple) else out)
+        extra[:] = [len(out) - 1] if isinstance(out, tuple) else []
 
     mlp = adapter.mlp(layer)
     handles = [lin.register_forward_pre_hook(record) for lin in (mlp.up, mlp.gate) if lin is not None]
@@ -51,11 +60,12 @@ def mlp_inputs(
     finally:
         for h in handles:
             h.remove()
-    x_mlp = torch.cat(chunks)
-    (bad,) = parallel.all_sum_floats(float(not torch.isfinite(x_mlp).all()))  # every rank must stop together
+    (bad,) = parallel.all_sum_floats(float(not torch.isfinite(inputs.tensor).all()))  # every rank stops together
     if bad:
         raise UserError("the MLP inputs hold NaN/Inf (the model or its data is broken); nothing was saved")
-    return x_mlp, attention
+    if attention.tensor is None:
+        return inputs.tensor, []
+    return inputs.tensor, [(out, *(None,) * extra[0]) if extra else out for out in attention.tensor.split(batch_size)]
 
 
 def per_batch(rows: torch.Tensor, x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -103,10 +113,19 @@ class JointMLP:
     """One layer's MLP under a joint method: created before attention is pruned (so the dense-input variant can
     record its inputs then), pruned after."""
 
-    def __init__(self, layer: nn.Module, adapter: Adapter, method: Method, x: torch.Tensor, kwargs: dict, batch: int):
+    def __init__(
+        self,
+        layer: nn.Module,
+        adapter: Adapter,
+        method: Method,
+        x: torch.Tensor,
+        kwargs: dict,
+        batch: int,
+        alloc: Alloc,
+    ):
         self.layer, self.adapter, self.method = layer, adapter, method
-        self.x, self.kwargs, self.batch = x, kwargs, batch
-        self.dense_x = mlp_inputs(layer, adapter, x, kwargs, batch)[0] if method.dense_attention_input else None
+        self.x, self.kwargs, self.batch, self.alloc = x, kwargs, batch, alloc
+        self.dense_x = mlp_inputs(layer, adapter, x, kwargs, batch, alloc)[0] if method.dense_attention_input else None
 
     def prune(self, target: Target) -> tuple[MLPResult, dict[nn.Module, list]]:
         """Prune the MLP in place; (the method's result, the outputs the layer's final pass replays)."""
@@ -114,8 +133,10 @@ class JointMLP:
         x_mlp = self.dense_x
         if x_mlp is None:  # taken after attention was pruned: the final pass runs this attention on these inputs
             attention = submodule(self.layer, self.adapter.attention)
-            x_mlp, replay[attention] = mlp_inputs(self.layer, self.adapter, self.x, self.kwargs, self.batch, True)
-        result = self.method.prune_mlp(self.adapter.mlp(self.layer), x_mlp, target)
+            x_mlp, replay[attention] = mlp_inputs(
+                self.layer, self.adapter, self.x, self.kwargs, self.batch, self.alloc, keep_attention=True
+            )
+        result = self.method.prune_mlp(self.adapter.mlp(self.layer), x_mlp, target, self.alloc)
         # The final pass feeds the MLP x_mlp again, unless x_mlp was taken before attention was pruned.
         if result.outputs and self.dense_x is None:
             replay |= {linear: per_batch(rows, self.x, self.batch) for linear, rows in result.outputs.items()}

@@ -20,12 +20,13 @@ from tqdm.auto import tqdm
 
 from ..core import parallel
 from ..core.errors import UserError
+from ..core.memory import in_ram, on_disk
 from ..core.types import LayerIO, Site
 from ..methods.allocation import Allocation
 from ..methods.base import Event, Method, Target
 from ..methods.refit import Refit
 from ..models.adapters import Adapter, submodule
-from ..models.layers import call_layer, capture, in_ram, on_disk, run_layer
+from ..models.layers import call_layer, capture, run_layer
 from .allocate import layer_targets
 from .checkpoint import Checkpoint
 from .joint_mlp import JointMLP, replaying
@@ -47,6 +48,7 @@ class EngineOptions:
     batch_size: int = 8
     true_sequential: bool = False
     offload_dir: Path | None = None  # layer inputs/outputs memory-mapped from files here instead of RAM
+    auxiliary_dir: Path | None = None  # a joint-MLP method's per-token tensors memory-mapped from files here
     refit: Refit | None = None  # re-solve each pruned linear's kept weights on its Hessian (methods/refit.py)
     allocation: Allocation = Allocation()  # per-layer targets (methods/allocation.py)
 
@@ -118,7 +120,10 @@ def prune_layer(
     log = LayerLog(index=-1)
     sites = [s for s in adapter.sites if not (method.joint_mlp and s.part == "mlp")]
     groups = [[s] for s in sites] if opts.true_sequential else [sites]
-    joint = JointMLP(layer, adapter, method, x, kwargs, opts.batch_size) if method.joint_mlp else None
+    joint = None
+    if method.joint_mlp:
+        alloc = on_disk(opts.auxiliary_dir) if opts.auxiliary_dir is not None else in_ram
+        joint = JointMLP(layer, adapter, method, x, kwargs, opts.batch_size, alloc)
     for i, group in enumerate(groups):
         log.events += prune_site_group(layer, group, method, target, x, kwargs, opts, dense_out=out if i == 0 else None)
     replay = {}

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..core.errors import UserError
+from ..core.memory import Alloc, in_ram
 from ..core.types import MLP
 
 
@@ -122,9 +123,10 @@ class MLPResult:
 class Method:
     """One pruning method. Subclasses set `name` and `statistic` and implement `prune`.
 
-    `joint_mlp` methods (SparseLLM) also implement `prune_mlp(mlp, x, target) -> MLPResult`: the engine hands
-    them the whole MLP and its inputs x [N, d] (taken after the layer's attention was pruned, or before it when
-    their `dense_attention_input` is set).
+    `joint_mlp` methods (SparseLLM) also implement `prune_mlp(mlp, x, target, alloc) -> MLPResult`: the engine
+    hands them the whole MLP and its inputs x [N, d] (taken after the layer's attention was pruned, or before it
+    when their `dense_attention_input` is set), and the allocator of their per-token tensors (RAM, or a file
+    beyond the memory budget).
     """
 
     name: ClassVar[str] = ""
@@ -135,5 +137,5 @@ class Method:
     def prune(self, weight: torch.Tensor, stat: torch.Tensor | None, target: Target) -> Pruned:
         raise NotImplementedError
 
-    def prune_mlp(self, mlp: MLP, x: torch.Tensor, target: Target) -> MLPResult:
+    def prune_mlp(self, mlp: MLP, x: torch.Tensor, target: Target, alloc: Alloc = in_ram) -> MLPResult:
         raise NotImplementedError(f"{self.name} prunes linears one at a time, not an MLP jointly")

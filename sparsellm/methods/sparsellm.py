@@ -38,6 +38,7 @@ from ..core import linalg as stats
 from ..core import parallel
 from ..core.errors import UserError
 from ..core.fused import fused
+from ..core.memory import Alloc, in_ram
 from ..core.types import MLP
 from .activations import Activation, activation
 from .base import Event, MLPResult, Target
@@ -206,15 +207,16 @@ class SparseLLM(SparseGPT):
         if not (isinstance(self.newton_steps, int) and self.newton_steps >= 0):
             raise UserError(f"newton_steps must be a whole number of at least 0; got {self.newton_steps}")
 
-    def prune_mlp(self, mlp: MLP, x: torch.Tensor, target: Target) -> MLPResult:
-        """Prune the MLP's linears in place on inputs x [N, d]; return the per-round log."""
-        return _Solver(self, mlp, x, target).run()
+    def prune_mlp(self, mlp: MLP, x: torch.Tensor, target: Target, alloc: Alloc = in_ram) -> MLPResult:
+        """Prune the MLP's linears in place on inputs x [N, d]; return the per-round log. The auxiliaries (Z, S,
+        Y: 2f + d floats a token) are made by `alloc`, and only ever touched a chunk of tokens at a time."""
+        return _Solver(self, mlp, x, target, alloc).run()
 
 
 class _Solver:
     """The state of one MLP's alternating minimisation."""
 
-    def __init__(self, method: SparseLLM, mlp: MLP, x: torch.Tensor, target: Target):
+    def __init__(self, method: SparseLLM, mlp: MLP, x: torch.Tensor, target: Target, alloc: Alloc = in_ram):
         self.m, self.mlp, self.x, self.target = method, mlp, x, target
         self.gated = mlp.kind == "gated"
         self.act = activation(mlp.act_name)
@@ -223,22 +225,26 @@ class _Solver:
         self.b2 = mlp.down.bias.data.float() if mlp.down.bias is not None else x.new_zeros(mlp.down.out_features)
         (tokens,) = parallel.all_sum_floats(x.shape[0])
         self.n = int(tokens)  # over all ranks: every sum below is all-reduced
+        rows, f = x.shape[0], mlp.up.out_features
+        self.z = alloc((rows, f), torch.float32, x.device)
+        self.s = alloc((rows, f), torch.float32, x.device) if self.gated else None
+        self.y_target = alloc((rows, mlp.down.out_features), torch.float32, x.device)  # Y - b2: P Wd^T's target
+        self.p_stats = PStats(self.dense["down"])  # of P = h(Z, S) until the first p-step
+        token_sq = x.new_empty(rows)  # ||y_t||^2 per token; their sum is ||Y||^2
         with torch.no_grad():
-            self.z = stats.linear(x, self.dense["up"], self.b1)
-            self.s = stats.linear(x, self.dense["gate"]) if self.gated else None
-            self.y_target = x.new_empty(x.shape[0], mlp.down.out_features)  # Y - b2: what P Wd^T must reproduce
-            self.p_stats = PStats(self.dense["down"])  # of P = h(Z, S) until the first p-step
-            for sl in _chunks(x.shape[0]):
+            for sl in _chunks(rows):
+                self.z[sl] = stats.linear(x[sl], self.dense["up"], self.b1)
+                if self.gated:
+                    self.s[sl] = stats.linear(x[sl], self.dense["gate"])
                 p = _hidden(self.z[sl], self._s(sl), self.act)
                 self.y_target[sl] = stats.linear(p, self.dense["down"])
                 self.p_stats.add(p, None)
+                token_sq[sl] = (self.y_target[sl] + self.b2).pow_(2).sum(1)
         self.p_stats.reduce()
         self.hx = gram(x, self.n)
         self.x_mean = parallel.all_sum(x.sum(0)) / self.n  # (Z - b1)^T X = Z^T X - b1 sum(X): no N x f copy
         sq = lambda t: sum_sq(t) if t is not None else 0.0  # noqa: E731
         # Normalise each term by its dense target's squared norm: the weights become scale-free.
-        y = self.y_target if mlp.down.bias is None else self.y_target + self.b2
-        token_sq = y.pow(2).sum(1)  # ||y_t||^2 per token; their sum is ||Y||^2
         y_norm = token_sq.sum(dtype=torch.float64).item()
         y_target_sq = y_norm if mlp.down.bias is None else sq(self.y_target)
         sums = parallel.all_sum_floats(y_target_sq, sq(self.z), sq(self.s), y_norm)

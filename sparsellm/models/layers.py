@@ -9,17 +9,13 @@ kwargs are recorded; no layer is ever asked to compute them itself.
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core import precision
+from ..core.memory import Alloc, Sink, in_ram
 from .adapters import Adapter
 
 
@@ -27,48 +23,10 @@ class StopForward(Exception):
     """Raised by a hook once it has what it needs, so the rest of a forward pass is skipped."""
 
 
-Alloc = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
-
-
-def in_ram(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def on_disk(folder: Path) -> Alloc:
-    """Allocate CPU activations memory-mapped from a file in `folder` (unlinked at once, so nothing is left
-    behind): the OS keeps in RAM only the pages that fit and writes the rest to the file."""
-
-    def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        if device.type != "cpu":
-            return in_ram(shape, dtype, device)
-        fd, path = tempfile.mkstemp(dir=folder, prefix="sparsellm-activations-")
-        os.close(fd)
-        try:
-            return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
-        finally:
-            os.unlink(path)
-
-    return alloc
-
-
-class _Sink:
-    """Writes the successive batches of layer-0 inputs into one tensor of n samples, made on the first batch."""
-
-    def __init__(self, n: int, alloc: Alloc):
-        self.n, self.alloc, self.filled = n, alloc, 0
-        self.tensor: torch.Tensor | None = None
-
-    def write(self, h: torch.Tensor) -> None:
-        if self.tensor is None:
-            self.tensor = self.alloc((self.n, *h.shape[1:]), h.dtype, h.device)
-        self.tensor[self.filled : self.filled + h.shape[0]] = h
-        self.filled += h.shape[0]
-
-
 class _Recorder(nn.Module):
     """Stands in for a decoder layer: records what it is given and passes the hidden states through."""
 
-    def __init__(self, index: int, last: bool, sink: _Sink, kwargs: list[dict], layer: nn.Module):
+    def __init__(self, index: int, last: bool, sink: Sink, kwargs: list[dict], layer: nn.Module):
         super().__init__()
         self.index, self.last, self.sink, self.kwargs = index, last, sink, kwargs
         if hasattr(layer, "attention_type"):
@@ -107,7 +65,7 @@ def capture(
     """
     layers = adapter.decoder_layers(model)
     device = next(p for p in model.parameters() if not p.is_meta).device
-    sink = _Sink(tokens.shape[0], alloc)
+    sink = Sink(tokens.shape[0], alloc)
     kwargs: list[dict] = []
     originals = list(layers)
     for i, layer in enumerate(originals):
