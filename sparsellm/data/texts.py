@@ -88,7 +88,8 @@ def rows(name: str, split: str, online: bool = False) -> tuple[list[str], str]:
     return _rows_from_text(name, read(BUNDLED / _OFFLINE_FILES[key])), "bundled"
 
 
-def _sha(texts: list[str]) -> str:
+def text_sha256(texts: list[str]) -> str:
+    """The sha256 of the texts' UTF-8 bytes, one after another (a corpus's content hash)."""
     h = hashlib.sha256()
     for t in texts:
         h.update(t.encode("utf-8"))
@@ -102,10 +103,10 @@ def corpus(name: str, split: str, online: bool = False) -> Corpus:
         if name == "c4":
             docs = rs[:C4_EVAL_DOCS] if split == "test" else rs
             if split == "test":
-                return Corpus(name, [" ".join(docs)], True, source, _sha(docs))
-            return Corpus(name, docs, False, source, _sha(docs))
+                return Corpus(name, [" ".join(docs)], True, source, text_sha256(docs))
+            return Corpus(name, docs, False, source, text_sha256(docs))
         joined = ("\n\n" if name == "wikitext2" else " ").join(rs)
-        return Corpus(name, [joined], True, source, _sha([joined]))
+        return Corpus(name, [joined], True, source, text_sha256([joined]))
     return _file_corpus(name)
 
 
@@ -126,8 +127,8 @@ def _file_corpus(path_str: str) -> Corpus:
                 raise TypeError("a 'text' field is not a string")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{path}: every line must be a JSON object with a 'text' field ({e})") from e
-        return Corpus(path.name, docs, False, str(path), _sha(docs))
-    return Corpus(path.name, [text], True, str(path), _sha([text]))
+        return Corpus(path.name, docs, False, str(path), text_sha256(docs))
+    return Corpus(path.name, [text], True, str(path), text_sha256([text]))
 
 
 def tokenize_stream(tokenizer, corpus: Corpus) -> torch.Tensor:

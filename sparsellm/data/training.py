@@ -8,7 +8,6 @@ tokenizer's end-of-text token, cut into windows and shuffled by the seed.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +30,9 @@ class Calibration:
     seed: int
 
 
-def _text_sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def evaluation_hashes() -> dict[str, str]:
     """{content sha256: name} of the bundled evaluation texts, decompressed."""
-    return {_text_sha(texts.read(texts.BUNDLED / f)): name for name, f in _EVALUATION_FILES.items()}
+    return {texts.text_sha256([texts.read(texts.BUNDLED / f)]): name for name, f in _EVALUATION_FILES.items()}
 
 
 def check_source(name: str) -> None:
@@ -48,7 +43,7 @@ def check_source(name: str) -> None:
         )
     if name not in texts.DATASETS and Path(name).is_file():
         try:
-            held = evaluation_hashes().get(_text_sha(texts.read(Path(name))))
+            held = evaluation_hashes().get(texts.text_sha256([texts.read(Path(name))]))
         except (UnicodeDecodeError, OSError, EOFError):
             return  # texts.corpus says what is wrong with the file
         if held:
