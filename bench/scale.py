@@ -115,12 +115,15 @@ def memory(argv: list[str]) -> None:
     ap.add_argument("--batch-size", default="8")
     ap.add_argument("--budgets", default="default,256MB", help="--max-memory values; 'default': none given")
     ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--layers", help="prune only these decoder layers (as prune --layers): the peak is a layer's")
     ap.add_argument("--eval", default="", help="datasets to evaluate after pruning (none by default)")
     args = ap.parse_args(argv)
-    print("| model | method | tokens | --max-memory | mode | prune s | wall s | peak RssAnon MB | VmHWM MB "
-          "| activations | auxiliaries | WikiText-2 |\n|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print("| model | method | tokens | layers | --max-memory | mode | prune s | wall s | peak RssAnon MB | VmHWM MB "
+          "| activations | auxiliaries | WikiText-2 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for budget in args.budgets.split(","):
         name = f"{args.model}-{args.method}-{args.nsamples}x{args.seqlen}-{budget}{'-stream' if args.stream else ''}"
+        name += f"-layers-{args.layers.replace(':', '-')}" if args.layers else ""
         out = OUT / name
         cmd = [sys.executable, "-m", "sparsellm", "prune", args.model, "--method", args.method, "--sparsity",
                args.sparsity, "--nsamples", args.nsamples, "--seqlen", args.seqlen, "--batch-size",
@@ -128,13 +131,14 @@ def memory(argv: list[str]) -> None:
         cmd += ["--eval", args.eval] if args.eval else []
         cmd += [] if budget == "default" else ["--max-memory", budget]
         cmd += ["--stream"] if args.stream else []
+        cmd += ["--layers", args.layers] if args.layers else []
         code, wall, peak = sampled(cmd, OUT / f"{name}.log")
         if code:
             raise SystemExit(f"scale: {' '.join(cmd)} failed; see {OUT / f'{name}.log'}")
         report = json.loads((out / "report.json").read_text())
         plan = report["config"]["activations"]
         ppl = report["perplexity"].get("wikitext2")
-        print(f"| {args.model} | {args.method} | {args.nsamples} x {args.seqlen} | {budget} | "
+        print(f"| {args.model} | {args.method} | {args.nsamples} x {args.seqlen} | {args.layers or 'all'} | {budget} | "
               f"{'stream' if args.stream else 'in memory'} | {report['timing']['prune_s']:.0f} | {wall:.0f} | "
               f"{peak:.0f} | {report['peak_rss_mb']:.0f} | {plan['bytes'] / 2**20:.0f} MiB "
               f"{where(plan, 'bytes', 'offload_dir')} | {plan['auxiliary_bytes'] / 2**20:.0f} MiB "
