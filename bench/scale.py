@@ -118,8 +118,10 @@ def memory(argv: list[str]) -> None:
     ap.add_argument("--layers", help="prune only these decoder layers (as prune --layers): the peak is a layer's")
     ap.add_argument("--eval", default="", help="datasets to evaluate after pruning (none by default)")
     args = ap.parse_args(argv)
-    print("| model | method | tokens | layers | --max-memory | mode | prune s | wall s | peak RssAnon MB | VmHWM MB "
-          "| activations | auxiliaries | WikiText-2 |")
+    print(
+        "| model | method | tokens | layers | --max-memory | mode | prune s | wall s | peak RssAnon MB | VmHWM MB "
+        "| activations | auxiliaries | WikiText-2 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for budget in args.budgets.split(","):
         name = f"{args.model}-{args.method}-{args.nsamples}x{args.seqlen}-{budget}{'-stream' if args.stream else ''}"
