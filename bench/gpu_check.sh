@@ -25,6 +25,10 @@ py_version=$($python -c 'import sys; print(f"{sys.version_info[0]}{sys.version_i
 models=(smollm2-135m qwen2.5-coder-1.5b)
 
 if [[ $mode == pack ]]; then
+  if ! ls runs/gpu-reference/*/report.json >/dev/null 2>&1; then
+    echo "no CPU reports in runs/gpu-reference: run python bench/gpu_check.py --device cpu --out runs/gpu-reference" >&2
+    exit 1
+  fi
   mkdir -p "$dir/wheels" "$dir/cache/models" "$dir/cache/gguf" "$dir/reference"
   # PyPI's Linux torch wheel is the CUDA build (with its nvidia-* libraries): what the GPU machine needs.
   $python -m pip download -q -d "$dir/wheels" --only-binary=:all: --python-version "$py_version" \
@@ -38,10 +42,6 @@ if [[ $mode == pack ]]; then
     cp -r "$folder" "$dir/cache/models/"
   done
   cp ~/.cache/sparsellm/gguf/*.gguf "$dir/cache/gguf/" 2>/dev/null || true
-  if ! ls runs/gpu-reference/*/report.json >/dev/null 2>&1; then
-    echo "no CPU reports in runs/gpu-reference: run python bench/gpu_check.py --device cpu --out runs/gpu-reference" >&2
-    exit 1
-  fi
   for report in runs/gpu-reference/*/report.json; do
     cp "$report" "$dir/reference/$(basename "$(dirname "$report")").json"
   done

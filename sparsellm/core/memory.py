@@ -56,6 +56,11 @@ def on_disk(folder: Path) -> Alloc:
     return alloc
 
 
+def allocator(folder: Path | None) -> Alloc:
+    """`on_disk(folder)`, or `in_ram` when there is no folder (what the memory plan decided)."""
+    return on_disk(folder) if folder is not None else in_ram
+
+
 class Sink:
     """Writes successive batches of rows into one tensor of n rows, made by `alloc` on the first batch (so in the
     batches' dtype and shape)."""

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..core import parallel
 from ..core.errors import UserError
-from ..core.memory import in_ram, on_disk
+from ..core.memory import allocator
 from ..core.types import LayerIO, Site
 from ..methods.allocation import Allocation
 from ..methods.base import Event, Method, Target
@@ -122,8 +122,7 @@ def prune_layer(
     groups = [[s] for s in sites] if opts.true_sequential else [sites]
     joint = None
     if method.joint_mlp:
-        alloc = on_disk(opts.auxiliary_dir) if opts.auxiliary_dir is not None else in_ram
-        joint = JointMLP(layer, adapter, method, x, kwargs, opts.batch_size, alloc)
+        joint = JointMLP(layer, adapter, method, x, kwargs, opts.batch_size, allocator(opts.auxiliary_dir))
     for i, group in enumerate(groups):
         log.events += prune_site_group(layer, group, method, target, x, kwargs, opts, dense_out=out if i == 0 else None)
     replay = {}
@@ -154,7 +153,7 @@ def prune_model(
     `io` is told when each layer's turn starts and ends (streaming loads and writes layers there).
     """
     io = io or LayerIO()
-    alloc = on_disk(opts.offload_dir) if opts.offload_dir is not None else in_ram
+    alloc = allocator(opts.offload_dir)
     inputs = capture(model, adapter, calib, opts.batch_size, alloc)
     targets = layer_targets(model, adapter, opts.allocation, target, inputs, layers, opts.batch_size, alloc, io)
     decoder = adapter.decoder_layers(model)
