@@ -2,11 +2,15 @@
 
     python bench/compressed.py                                 # SmolLM2 at 50%, 70%, 90% and 2:4
     python bench/compressed.py --targets 0.7 --repeats 1 --write
+    python bench/compressed.py --model qwen2.5-coder-1.5b --method magnitude --prompt 128 --new 16 --repeats 1 --clean
 
-For each target, one `sparsellm prune --method sparsegpt` run saves the dense folder, `sparsellm compress` writes
+For each target, one `sparsellm prune --method METHOD` run saves the dense folder, `sparsellm compress` writes
 its compressed twin and `sparsellm decompress` writes it back (checked byte for byte against the dense files).
-Size table: tensor-file bytes of both folders, and of the pruned linears alone. Load table: `sparsellm.load` of
-each folder, the median of 3 x --repeats (the dense load varies 0.2-0.5 s run to run). Inference table, batch 1,
+Sizes and speeds depend on how many weights are kept and in what pattern, not on which: `--method magnitude`
+gives a large model's figures in minutes. Size table: tensor-file bytes of both folders, and of the pruned linears
+alone. Load table, the median of 3 x --repeats: `sparsellm.load` of each folder, and the load plus a first forward
+pass of 32 tokens (the time until the model answers: a dense load maps its files and reads the weights only when
+they are first used, a compressed load decodes them at once). Inference table, batch 1,
 fp32 weights: prefill (one forward pass of --prompt tokens) and greedy generation (--new tokens after a 32-token
 prompt, with the KV cache), executed dense (torch's nn.Linear) and sparse (each pruned linear as a torch CSR
 matrix, the fastest of the sparse layouts torch offers on this CPU: BSR and COO measured slower); tokens/s, the
@@ -16,9 +20,11 @@ median of --repeats. `--write` replaces this bench's section of BENCHMARKS.md in
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,10 +78,20 @@ def median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up (first-call allocations, oneDNN/MKL setup)
     times = []
     for _ in range(repeats):
+        gc.collect()
         t0 = time.perf_counter()
-        fn()
+        result = fn()
         times.append(time.perf_counter() - t0)
+        del result  # freed outside the timed span: freeing a model is not part of loading it
     return statistics.median(times)
+
+
+@torch.inference_mode()
+def ready(folder: Path, prompt: torch.Tensor) -> nn.Module:
+    """The model of `folder` after its first forward pass (every weight read)."""
+    model, _ = load(str(folder))
+    model(prompt, use_cache=False)
+    return model
 
 
 @torch.inference_mode()
@@ -112,10 +128,11 @@ def one_target(args, target: str, tokens: torch.Tensor) -> dict:
     base = args.out / target.replace(":", "-")
     dense, packed, back = base / "dense", base / "compressed", base / "decompressed"
     if not (dense / "report.json").is_file():
-        sh(["prune", args.model, "--method", "sparsegpt", *target_args(target), "--out", str(dense), "--overwrite"])
+        sh(["prune", args.model, "--method", args.method, *target_args(target), "--out", str(dense), "--overwrite"])
     sh(["compress", str(dense), str(packed), "--overwrite"])
     sh(["decompress", str(packed), str(back), "--overwrite"])
     identical = all(sha256(back / f.name) == sha256(f) for f in dense.glob("*.safetensors"))
+    shutil.rmtree(back)
     report = json.loads((dense / "report.json").read_text())
     pruned = set(report["sparsity"]["per_matrix"])
     row = {
@@ -128,24 +145,31 @@ def one_target(args, target: str, tokens: torch.Tensor) -> dict:
         "decompress_identical": identical,
         "load_dense_s": median_seconds(lambda: load(str(dense)), 3 * args.repeats),
         "load_compressed_s": median_seconds(lambda: load(str(packed)), 3 * args.repeats),
+        "ready_dense_s": median_seconds(lambda: ready(dense, tokens[:, :32]), 3 * args.repeats),
+        "ready_compressed_s": median_seconds(lambda: ready(packed, tokens[:, :32]), 3 * args.repeats),
     }
     model, _ = load(str(dense))
     row["prefill_dense"], row["generate_dense"] = speed(model, tokens, args.new, args.repeats)
     row["prefill_csr"], row["generate_csr"] = speed(as_csr(model, pruned), tokens, args.new,
                                                     args.repeats)  # fmt: skip
+    if args.clean:
+        shutil.rmtree(base)
     return row
 
 
 def tables(rows: list[dict], dense_speed: tuple[float, float]) -> str:
     size = ["| target | measured sparsity | dense MB | compressed MB | ratio | pruned linears ratio | encodings | "
-            "decompress bit-identical | load dense s | load compressed s | load ratio |",
-            "|" + "---|" * 11]  # fmt: skip
+            "decompress bit-identical | load dense s | load compressed s | load ratio | "
+            "load + first forward, dense s | load + first forward, compressed s | ratio |",
+            "|" + "---|" * 14]  # fmt: skip
     for r in rows:
         enc = ", ".join(f"{k} {v}" for k, v in sorted(r["encodings"].items()))
         size.append(f"| {r['target']} | {r['sparsity']:.4f} | {r['dense_mb']:.1f} | {r['compressed_mb']:.1f} | "
                     f"{r['compressed_mb'] / r['dense_mb']:.3f} | {r['linears_ratio']:.3f} | {enc} | "
                     f"{'yes' if r['decompress_identical'] else 'NO'} | {r['load_dense_s']:.2f} | "
-                    f"{r['load_compressed_s']:.2f} | {r['load_compressed_s'] / r['load_dense_s']:.2f} |")  # fmt: skip
+                    f"{r['load_compressed_s']:.2f} | {r['load_compressed_s'] / r['load_dense_s']:.2f} | "
+                    f"{r['ready_dense_s']:.2f} | {r['ready_compressed_s']:.2f} | "
+                    f"{r['ready_compressed_s'] / r['ready_dense_s']:.2f} |")  # fmt: skip
     speed = ["| model | prefill tok/s, dense | prefill tok/s, CSR | CSR/dense | generate tok/s, dense | "
              "generate tok/s, CSR | CSR/dense |", "|" + "---|" * 7,
              f"| unpruned | {dense_speed[0]:.0f} | - | - | {dense_speed[1]:.1f} | - | - |"]  # fmt: skip
@@ -160,6 +184,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--targets", default="0.5,0.7,0.9,2:4")
+    p.add_argument("--method", default="sparsegpt", help="the pruning method that makes each folder")
+    p.add_argument("--clean", action="store_true", help="delete each target's folders once measured (large models)")
     p.add_argument("--prompt", type=int, default=512, help="prefill length, tokens")
     p.add_argument("--new", type=int, default=64, help="tokens generated greedily")
     p.add_argument("--repeats", type=int, default=3)
@@ -178,9 +204,10 @@ def main() -> None:
     rows = [one_target(args, t, tokens) for t in args.targets.split(",")]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     header = (
-        f"`python bench/compressed.py --model {args.model} --targets {args.targets} --prompt {args.prompt} "
+        f"`python bench/compressed.py --model {args.model} --method {args.method} --targets {args.targets} "
+        f"--prompt {args.prompt} "
         f"--new {args.new} --repeats {args.repeats}`; {machine()}; torch {torch.__version__}; started {started}; "
-        f"commit {commit.stdout.strip()}. Pruned by SparseGPT (bf16 arithmetic, fp32 weights), seed 0."
+        f"commit {commit.stdout.strip()}. Pruned by `--method {args.method}`, seed 0; fp32 weights."
     )
     text = header + "\n\n" + tables(rows, dense_speed)
     print(text)

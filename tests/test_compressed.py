@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sparsellm.core.errors import UserError
 from sparsellm.models import compressed
 from sparsellm.models.compressed import decode, encode
 
@@ -75,6 +76,14 @@ def test_nm_codes_decode_bit_for_bit_with_the_fewest_bits(n, m, dtype):
     bits = max(1, (len(list(itertools.combinations(range(m), m - n))) - 1).bit_length())
     assert encoded.parts["codes"].numel() == -(-groups * bits // 8)
     assert encoded.parts["values"].numel() == groups * (m - n)  # the extra zeros among them
+
+
+def test_an_nm_code_that_names_no_pattern_is_refused():
+    w = nm_matrix(64, 16, 2, 4, torch.float32)
+    encoded = encode(w, (2, 4))
+    encoded.parts["codes"].fill_(0xFF)  # code 7: 2:4 has six patterns, numbered 0-5
+    with pytest.raises(UserError, match="w"):
+        decode(lambda key: encoded.parts[key.split("::")[1]], "w", encoded.entry)
 
 
 def test_the_smallest_encoding_is_chosen():

@@ -75,14 +75,25 @@ def nonzero(w: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _patterns(m: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pattern [C, m] bool of every choice of `keep` of `m` positions, code of each m-bit mask or -1)."""
-    choices = list(itertools.combinations(range(m), keep))
-    pattern = torch.zeros(len(choices), m, dtype=torch.bool)
-    for code, positions in enumerate(choices):
-        pattern[code, list(positions)] = True
+    """(kept positions [C, keep] of every choice of `keep` of `m` positions, code of each m-bit mask or -1)."""
+    positions = torch.tensor(list(itertools.combinations(range(m), keep)))
+    masks = (1 << positions).sum(-1)
     code_of = torch.full((2**m,), -1, dtype=torch.int64)
-    code_of[(pattern.long() << torch.arange(m)).sum(-1)] = torch.arange(len(choices))
-    return pattern, code_of
+    code_of[masks] = torch.arange(len(positions))
+    return positions, code_of
+
+
+def _unpack_codes(packed: torch.Tensor, count: int, width: int) -> torch.Tensor:
+    """`count` integers of `width` <= 16 bits, as pack_bits stored their bits. Eight of them fill exactly `width`
+    bytes, and each spans at most three: read a column of rows at a time (12x the bit-by-bit unpacking)."""
+    rows = torch.nn.functional.pad(packed, (0, -packed.numel() % width)).view(-1, width)
+    rows = torch.nn.functional.pad(rows, (0, 2)).int()
+    codes = []
+    for k in range(8):
+        byte, shift = divmod(k * width, 8)
+        word = rows[:, byte] | rows[:, byte + 1] << 8 | rows[:, byte + 2] << 16
+        codes.append(word >> shift & ((1 << width) - 1))
+    return torch.stack(codes, 1).view(-1)[:count]
 
 
 def _code_bits(m: int, keep: int) -> int:
@@ -144,25 +155,27 @@ def decode(read, name: str, entry: dict) -> torch.Tensor:
         return read(name)
     if entry["encoding"] not in PARTS:
         raise UserError(f"{name}: unknown encoding {entry['encoding']!r} (written by a newer sparsellm?)")
-    shape = tuple(entry["shape"])
-    values = read(f"{name}::values")
+    shape, values = tuple(entry["shape"]), read(f"{name}::values")
+    _expect(values.dim() == 1, name)
     if entry["encoding"] == "bitmask":
-        packed = read(f"{name}::bitmask")
-        _expect(packed.dtype == torch.uint8 and tuple(packed.shape) == (*shape[:-1], -(-shape[-1] // 8)), name)
-        mask, count = unpack_bits(packed, shape[-1]), count_bits(packed)  # a set padding bit: a count that differs
-    elif entry["encoding"] == "nm":
-        n, m = int(entry["n"]), int(entry["m"])
-        _expect(0 < n < m <= 16 and len(shape) == 2 and shape[1] % m == 0, name)
-        groups, width = shape[0] * shape[1] // m, _code_bits(m, m - n)
-        packed = read(f"{name}::codes")
-        _expect(packed.dtype == torch.uint8 and packed.numel() == -(-groups * width // 8), name)
-        bits = unpack_bits(packed, groups * width).reshape(groups, width)
-        codes = (bits.long() << torch.arange(width)).sum(-1)
-        pattern = _patterns(m, m - n)[0]
-        _expect(bool((codes < len(pattern)).all()), name)
-        mask, count = pattern[codes].reshape(shape), groups * (m - n)
-    _expect(values.dim() == 1 and values.numel() == count, name)
-    return torch.zeros(shape, dtype=values.dtype).masked_scatter_(mask, values)
+        return _decode_bitmask(read(f"{name}::bitmask"), values, shape, name)
+    return _decode_nm(read(f"{name}::codes"), values, shape, int(entry["n"]), int(entry["m"]), name)
+
+
+def _decode_bitmask(packed: torch.Tensor, values: torch.Tensor, shape: tuple, name: str) -> torch.Tensor:
+    _expect(packed.dtype == torch.uint8 and tuple(packed.shape) == (*shape[:-1], -(-shape[-1] // 8)), name)
+    _expect(values.numel() == count_bits(packed), name)  # a set padding bit gives a count that differs
+    return torch.zeros(shape, dtype=values.dtype).masked_scatter_(unpack_bits(packed, shape[-1]), values)
+
+
+def _decode_nm(packed: torch.Tensor, values: torch.Tensor, shape: tuple, n: int, m: int, name: str) -> torch.Tensor:
+    _expect(0 < n < m <= 16 and len(shape) == 2 and shape[1] % m == 0, name)
+    groups, width, positions = shape[0] * shape[1] // m, _code_bits(m, m - n), _patterns(m, m - n)[0]
+    _expect(packed.dtype == torch.uint8 and packed.numel() == -(-groups * width // 8), name)
+    codes = _unpack_codes(packed, groups, width)
+    _expect(int(codes.max()) < len(positions) and values.numel() == groups * (m - n), name)
+    where = positions.index_select(0, codes)  # each group's kept positions; scatter_: 3x masked_scatter_ here
+    return torch.zeros(groups, m, dtype=values.dtype).scatter_(1, where, values.view(groups, m - n)).view(shape)
 
 
 PARTS = {"dense": ("",), "bitmask": ("bitmask", "values"), "nm": ("codes", "values")}
