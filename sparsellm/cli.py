@@ -13,6 +13,7 @@ from .core import parallel
 from .core.errors import UserError
 from .core.files import strict_json
 from .engine import CHECKPOINT_EVERY
+from .models.loading import BUILTINS
 
 EXIT_USAGE = 2
 
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and save it with report.json")
-    p.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m), .gguf file, HF folder or hub id")
+    p.add_argument("model", help=f"built-in name ({', '.join(BUILTINS)}), .gguf file, HF folder or hub id")
     p.add_argument("--method", default="sparsegpt", help="magnitude, wanda, sparsegpt or sparsellm")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--sparsity", type=float, help="fraction of each matrix zeroed, in [0, 1)")
