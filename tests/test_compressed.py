@@ -25,13 +25,18 @@ def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def round_trip(w: torch.Tensor, nm=None) -> tuple[compressed.Encoded, torch.Tensor]:
-    encoded = encode(w, nm)
+def decoded(encoded: compressed.Encoded) -> torch.Tensor:
+    """`encoded` decoded as the tensor "w" of a file holding its parts."""
 
     def read(key: str) -> torch.Tensor:
         return encoded.parts[key.split("::")[1] if "::" in key else ""]
 
-    return encoded, decode(read, "w", encoded.entry or {"encoding": "dense"})
+    return decode(read, "w", encoded.entry or {"encoding": "dense"})
+
+
+def round_trip(w: torch.Tensor, nm=None) -> tuple[compressed.Encoded, torch.Tensor]:
+    encoded = encode(w, nm)
+    return encoded, decoded(encoded)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -83,7 +88,7 @@ def test_an_nm_code_that_names_no_pattern_is_refused():
     encoded = encode(w, (2, 4))
     encoded.parts["codes"].fill_(0xFF)  # code 7: 2:4 has six patterns, numbered 0-5
     with pytest.raises(UserError, match="w"):
-        decode(lambda key: encoded.parts[key.split("::")[1]], "w", encoded.entry)
+        decoded(encoded)
 
 
 def test_the_smallest_encoding_is_chosen():
