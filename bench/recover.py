@@ -2,10 +2,12 @@
 
     python bench/recover.py --folders runs/rec/sllm70,runs/rec/sgpt24 --tokens 500000 [--reuse] [--write]
     python bench/recover.py --folders runs/rec/sllm70 --tokens 65536 --lrs 3e-4,1e-3 --eval c4 --section recover-lr
+    python bench/recover.py --folders runs/rec/sllm70 --tokens 65536 --eval c4 --settings 'kl=;hidden=--loss kl+hidden'
     python bench/recover.py --throughput runs/rec/sllm70 [--write]
 
-Quality: each pruned folder (a `sparsellm prune` output) is recovered at each learning rate with the other defaults
-(`--loss kl`, C4 train without the calibration windows, 8 x 512 tokens a step) and evaluated before and after;
+Quality: each pruned folder (a `sparsellm prune` output) is recovered in each --settings (the defaults, unless a
+setting says otherwise: `--loss kl`, C4 train without the calibration windows, 8 x 512 tokens a step) at each
+learning rate, and evaluated before and after;
 `sparsellm inspect` must pass on the result (its zeros are the pruned folder's). Throughput: tokens a second of
 one optimizer step (8 windows of 512 in micro-batches of 4) after one warm-up step, for plain fine-tuning (ce, no
 teacher) and the distillation step with its teacher, in bf16 autocast and fp32, on the same folder.
@@ -30,13 +32,20 @@ def commit() -> str:
     ).stdout.strip()
 
 
-def recover(folder: Path, lr: str, args) -> dict:
-    """Recover `folder` at learning rate `lr` (or reuse the result) and the row of the table."""
-    out = args.out / f"{folder.name}-{args.loss}-lr{lr}-{args.tokens}"
+def settings(text: str) -> dict[str, list[str]]:
+    """'NAME=ARGS;...' -> {NAME: the `sparsellm recover` arguments}."""
+    pairs = [item.split("=", 1) for item in text.split(";") if item.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() for p in pairs):
+        raise SystemExit(f"bench: --settings wants NAME=ARGS;NAME=ARGS...; got {text!r}")
+    return {name.strip(): shlex.split(extra) for name, extra in pairs}
+
+
+def recover(folder: Path, setting: str, lr: str, args) -> dict:
+    """Recover `folder` with `setting` at learning rate `lr` (or reuse the result) and the row of the table."""
+    out = args.out / f"{folder.name}-{setting}-lr{lr}-{args.tokens}"
     if not (args.reuse and (out / "report.json").is_file()):
-        cmd = [sys.executable, "-m", "sparsellm", "recover", str(folder), "--tokens", str(args.tokens), "--loss",
-               args.loss, "--lr", lr, "--eval", args.eval, "--out", str(out), "--overwrite",
-               *shlex.split(args.extra)]  # fmt: skip
+        cmd = [sys.executable, "-m", "sparsellm", "recover", str(folder), "--tokens", str(args.tokens), "--lr", lr,
+               "--eval", args.eval, "--out", str(out), "--overwrite", *args.settings[setting]]  # fmt: skip
         print("bench:", shlex.join(cmd), file=sys.stderr)
         with open(args.out / f"{out.name}.log", "w") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
@@ -46,6 +55,7 @@ def recover(folder: Path, lr: str, args) -> dict:
     rec = report["recovery"]
     return {
         "model": f"{report['method']} {report['sparsity']['target']}",
+        "setting": setting,
         "loss": rec["config"]["loss"],
         "lr": rec["config"]["lr"],
         "tokens": rec["tokens"],
@@ -60,14 +70,15 @@ def recover(folder: Path, lr: str, args) -> dict:
 def quality_table(rows: list[dict]) -> str:
     names = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
     datasets = [d for d in names if d in rows[0]["after"]]
-    lines = ["| pruned model | loss | lr | tokens | " + " | ".join(f"{names[d]} before -> after" for d in datasets)
-             + " | train s | tok/s | masks held |", "|---" * (7 + len(datasets)) + "|"]  # fmt: skip
+    ppl_columns = " | ".join(f"{names[d]} before -> after" for d in datasets)
+    lines = [f"| pruned model | setting | loss | lr | tokens | {ppl_columns} | train s | tok/s | masks held |",
+             "|---" * (8 + len(datasets)) + "|"]  # fmt: skip
     for r in rows:
         ppl = [
             f"{r['before'][d]:.2f} -> **{r['after'][d]:.2f}** ({r['after'][d] / r['before'][d]:.3f})" for d in datasets
         ]
-        lines.append(f"| {r['model']} | {r['loss']} | {r['lr']:g} | {r['tokens']} | {' | '.join(ppl)} | "
-                     f"{r['train s']:.0f} | {r['tok/s']:.0f} | {r['masks held']} |")  # fmt: skip
+        lines.append(f"| {r['model']} | {r['setting']} | {r['loss']} | {r['lr']:g} | {r['tokens']} | "
+                     f"{' | '.join(ppl)} | {r['train s']:.0f} | {r['tok/s']:.0f} | {r['masks held']} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -119,8 +130,8 @@ def main() -> None:
     ap.add_argument("--lrs", default="1e-3", help="peak learning rates, comma-separated")
     ap.add_argument("--eval", default="wikitext2,ptb,c4", help="perplexity datasets before and after")
     ap.add_argument("--section", default="recover-quality", help="the BENCHMARKS.md section to replace")
-    ap.add_argument("--loss", default="kl")
-    ap.add_argument("--extra", default="", help="more `sparsellm recover` arguments")
+    settings_help = "NAME=ARGS;... : `sparsellm recover` arguments beside its defaults ('kl=;h=--loss kl+hidden')"
+    ap.add_argument("--settings", default="kl=", help=settings_help)
     ap.add_argument("--throughput", type=Path, help="a pruned folder to time the training step on")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-recover")
     ap.add_argument("--reuse", action="store_true", help="keep recovered folders already in OUT")
@@ -129,12 +140,14 @@ def main() -> None:
     args = ap.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.settings = settings(args.settings)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     header = (f"`python bench/recover.py {shlex.join(sys.argv[1:])}` on {machine()}, "
               f"{args.busy or 'nothing else running'}; started {started}, commit {commit()}"
               + ("; recovered folders already in OUT were reused, not run again." if args.reuse else "."))  # fmt: skip
     if args.folders:
-        rows = [recover(Path(f).resolve(), lr, args) for f in args.folders.split(",") for lr in args.lrs.split(",")]
+        rows = [recover(Path(f).resolve(), setting, lr, args) for f in args.folders.split(",")
+                for setting in args.settings for lr in args.lrs.split(",")]  # fmt: skip
         text = f"### Before and after recovery: smollm2-135m, quick protocol\n\n{header}\n\n{quality_table(rows)}\n"
         print(text)
         if args.write:
