@@ -61,6 +61,7 @@ def recover(folder: Path, setting: str, lr: str, args) -> dict:
         "tokens": rec["tokens"],
         "before": rec["before"]["perplexity"],
         "after": rec["after"]["perplexity"],
+        "zeroshot": [(rec[k].get("zeroshot") or {}).get("mean_acc") for k in ("before", "after")],
         "train s": rec["train_s"],
         "tok/s": rec["tokens_per_s"],
         "masks held": "yes" if inspected.returncode == 0 else "NO",
@@ -70,15 +71,18 @@ def recover(folder: Path, setting: str, lr: str, args) -> dict:
 def quality_table(rows: list[dict]) -> str:
     names = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
     datasets = [d for d in names if d in rows[0]["after"]]
-    ppl_columns = " | ".join(f"{names[d]} before -> after" for d in datasets)
-    lines = [f"| pruned model | setting | loss | lr | tokens | {ppl_columns} | train s | tok/s | masks held |",
-             "|---" * (8 + len(datasets)) + "|"]  # fmt: skip
+    columns = [f"{names[d]} before -> after" for d in datasets]
+    zeroshot = any(None not in r["zeroshot"] for r in rows)
+    columns += ["zero-shot mean acc before -> after"] if zeroshot else []
+    lines = [f"| pruned model | setting | loss | lr | tokens | {' | '.join(columns)} | train s | tok/s | masks held |",
+             "|---" * (8 + len(columns)) + "|"]  # fmt: skip
     for r in rows:
-        ppl = [
-            f"{r['before'][d]:.2f} -> **{r['after'][d]:.2f}** ({r['after'][d] / r['before'][d]:.3f})" for d in datasets
-        ]
+        cells = [f"{r['before'][d]:.2f} -> **{r['after'][d]:.2f}** ({r['after'][d] / r['before'][d]:.3f})"
+                 for d in datasets]  # fmt: skip
+        if zeroshot:
+            cells.append(" -> ".join("-" if acc is None else f"{100 * acc:.2f}" for acc in r["zeroshot"]))
         lines.append(f"| {r['model']} | {r['setting']} | {r['loss']} | {r['lr']:g} | {r['tokens']} | "
-                     f"{' | '.join(ppl)} | {r['train s']:.0f} | {r['tok/s']:.0f} | {r['masks held']} |")  # fmt: skip
+                     f"{' | '.join(cells)} | {r['train s']:.0f} | {r['tok/s']:.0f} | {r['masks held']} |")  # fmt: skip
     return "\n".join(lines)
 
 
