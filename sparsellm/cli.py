@@ -193,8 +193,9 @@ def _add_recover_parser(sub) -> None:
     r.add_argument("--data", default="c4", help="c4 or ptb (train splits, calibration windows left out) or a "
                    ".txt/.jsonl file; a bundled evaluation text is refused")  # fmt: skip
     r.add_argument("--train-seqlen", type=_positive_int, default=512, help="tokens per training window")
-    r.add_argument("--batch-size", type=_positive_int, default=8, help="windows per optimizer step")
-    r.add_argument("--micro-batch", type=_positive_int, default=4, help="windows per forward pass (accumulated)")
+    r.add_argument("--batch-size", type=_positive_int, default=2, help="windows per optimizer step")
+    r.add_argument("--micro-batch", type=_positive_int, default=2, help="windows per forward pass (accumulated; "
+                   "under torchrun each rank's, so 2 ranks at the default batch need --micro-batch 1)")  # fmt: skip
     r.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default 1e-3)")
     r.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps warming up, then cosine decay")
     r.add_argument("--weight-decay", type=float, default=0.0)
