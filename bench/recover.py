@@ -6,7 +6,7 @@
     python bench/recover.py --throughput runs/rec/sllm70 [--write]
 
 Quality: each pruned folder (a `sparsellm prune` output) is recovered in each --settings (the defaults, unless a
-setting says otherwise: `--loss kl`, C4 train without the calibration windows, 8 x 512 tokens a step) at each
+setting says otherwise: `--loss kl`, C4 train without the calibration windows, 2 x 512 tokens a step) at each
 learning rate, and evaluated before and after;
 `sparsellm inspect` must pass on the result (its zeros are the pruned folder's). Throughput: tokens a second of
 one optimizer step (8 windows of 512 in micro-batches of 4) after one warm-up step, for plain fine-tuning (ce, no
