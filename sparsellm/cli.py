@@ -188,21 +188,23 @@ def _add_recover_parser(sub) -> None:
     r.add_argument("folder", help="a folder written by `sparsellm prune`")
     r.add_argument("--teacher", help="the dense model (default: the model the folder was pruned from)")
     r.add_argument("--tokens", type=_positive_int, required=True, help="training tokens in all")
-    r.add_argument("--loss", default="kl", help="kl (KL to the teacher's logits; default), kl+hidden (plus "
+    # The training options default to None: RecoverConfig's own defaults apply (importing it here would load torch
+    # for every `--help`).
+    r.add_argument("--loss", help="kl (KL to the teacher's logits; default), kl+hidden (plus "
                    "SquareHead's per-layer normalised hidden-state MSE) or ce (next-token, no teacher)")  # fmt: skip
-    r.add_argument("--data", default="c4", help="c4 or ptb (train splits, calibration windows left out) or a "
+    r.add_argument("--data", help="c4 (default) or ptb (train splits, calibration windows left out) or a "
                    ".txt/.jsonl file; a bundled evaluation text is refused")  # fmt: skip
-    r.add_argument("--train-seqlen", type=_positive_int, default=512, help="tokens per training window")
-    r.add_argument("--batch-size", type=_positive_int, default=2, help="windows per optimizer step")
-    r.add_argument("--micro-batch", type=_positive_int, default=2, help="windows per forward pass (accumulated; "
+    r.add_argument("--train-seqlen", type=_positive_int, help="tokens per training window (default 512)")
+    r.add_argument("--batch-size", type=_positive_int, help="windows per optimizer step (default 2)")
+    r.add_argument("--micro-batch", type=_positive_int, help="windows per forward pass (accumulated; default 2; "
                    "under torchrun each rank's, so 2 ranks at the default batch need --micro-batch 1)")  # fmt: skip
-    r.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW (default 1e-3)")
-    r.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps warming up, then cosine decay")
-    r.add_argument("--weight-decay", type=float, default=0.0)
-    r.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
-    r.add_argument("--seed", type=int, default=0, help="order of the training windows")
-    r.add_argument("--freeze", default="embeddings,head", help="parts that do not train: embeddings, norms, head "
-                   "(comma-separated; none trains them all). The pruned linears' zeros never train")  # fmt: skip
+    r.add_argument("--lr", type=float, help="peak learning rate of AdamW (default 1e-3)")
+    r.add_argument("--warmup", type=float, help="fraction of the steps warming up, then cosine decay (default 0.05)")
+    r.add_argument("--weight-decay", type=float, help="AdamW's (default 0)")
+    r.add_argument("--clip", type=float, help="gradient norm clipping (default 1.0)")
+    r.add_argument("--seed", type=int, help="order of the training windows (default 0)")
+    r.add_argument("--freeze", help="parts that do not train: embeddings, norms, head (comma-separated; default "
+                   "embeddings,head; none trains them all). The pruned linears' zeros never train")  # fmt: skip
     _add_eval_args(r)
     r.add_argument("--eval", default="wikitext2", help="perplexity datasets before and after (default wikitext2)")
     r.add_argument("--out", required=True)
@@ -305,11 +307,12 @@ def _print_result(result: dict, out: str) -> None:
 def cmd_recover(args) -> int:
     from . import api, pipeline
 
-    config = api.RecoverConfig(
-        tokens=args.tokens, loss=args.loss, data=args.data, seqlen=args.train_seqlen, batch_size=args.batch_size,
-        micro_batch=args.micro_batch, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
-        seed=args.seed, freeze=_freeze(args.freeze), precision=args.precision,
-    )  # fmt: skip
+    options = {"loss": args.loss, "data": args.data, "seqlen": args.train_seqlen, "batch_size": args.batch_size,
+               "micro_batch": args.micro_batch, "lr": args.lr, "warmup": args.warmup,
+               "weight_decay": args.weight_decay, "clip": args.clip, "seed": args.seed,
+               "freeze": None if args.freeze is None else _freeze(args.freeze)}  # fmt: skip
+    given = {name: value for name, value in options.items() if value is not None}
+    config = api.RecoverConfig(tokens=args.tokens, precision=args.precision, **given)
     output = pipeline.Output(Path(args.out), args.overwrite, args.resume, args.checkpoint_every, args.save_format)
     spec = pipeline.ModelSpec(args.folder, args.device, args.dtype, args.stream)
     result = pipeline.recover(Path(args.folder), args.teacher, spec, config,
