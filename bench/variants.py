@@ -5,10 +5,11 @@ first, per calibration seed and as the geometric mean over the seeds.
     python bench/variants.py --variants "plain=;refit=--refit pcg" --methods wanda,sparsegpt --targets 0.7 --write
 
 A variant is a name and the `sparsellm prune` arguments it adds (`--variants "NAME=ARGS;NAME=ARGS"`, the first is
-the baseline). Each run is a fresh `sparsellm prune ... --eval wikitext2` process, the variants of one setting back
-to back on the same calibration seed. At 70% one run's perplexity moves by several percent with its arithmetic
-alone and by 10-25% between seeds: compare the geometric means over seeds. `--write` replaces this bench's section
-of BENCHMARKS.md (one per model, methods, targets and variants) in place.
+the baseline). Each run is a fresh `sparsellm prune ... --eval TEXT` process (WikiText-2 unless `--eval` says
+otherwise: choose settings on `--eval c4`, the C4 validation windows, never on a test text), the variants of one
+setting back to back on the same calibration seed. At 70% one run's perplexity moves by several percent with its
+arithmetic alone and by 10-25% between seeds: compare the geometric means over seeds. `--write` replaces this
+bench's section of BENCHMARKS.md (one per model, methods, targets, variants and text) in place.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 from run import ROOT, geometric_mean, machine, seed_list, sh, target_args, write_section
+
+TEXT_NAMES = {"wikitext2": "WikiText-2", "c4": "C4", "ptb": "PTB"}
 
 
 def commit() -> str:
@@ -43,7 +46,7 @@ def prune(args, seed: int, method: str, target: str, variant: str) -> dict:
     name = f"{method}-{target}-seed{seed}-{variant}"
     out = args.out / name
     cmd = [sys.executable, "-m", "sparsellm", "prune", args.model, "--method", method, *target_args(target)]
-    cmd += ["--seed", str(seed), *args.variants[variant], "--eval", "wikitext2", "--out", str(out)]
+    cmd += ["--seed", str(seed), *args.variants[variant], "--eval", args.eval, "--out", str(out)]
     sh([*cmd, "--overwrite"], args.out / f"{name}.log")
     report = json.loads((out / "report.json").read_text())
     for f in out.glob("*.safetensors"):
@@ -57,23 +60,24 @@ def prune(args, seed: int, method: str, target: str, variant: str) -> dict:
         "precision": report["precision"]["name"],
         "prune_s": report["timing"]["prune_s"],
         "eval_s": report["timing"]["eval_s"],
-        "wikitext2": report["perplexity"]["wikitext2"],
+        args.eval: report["perplexity"][args.eval],
         "measured": report["sparsity"]["measured"],
     }
 
 
-def tables(rows: list[dict], variants: list[str]) -> str:
-    lines = ["| method | target | seed | variant | precision | measured | prune s | eval s | WikiText-2 |",
+def tables(rows: list[dict], variants: list[str], text: str) -> str:
+    name = TEXT_NAMES[text]
+    lines = [f"| method | target | seed | variant | precision | measured | prune s | eval s | {name} |",
              "|" + "---|" * 9]  # fmt: skip
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['target']} | {r['seed']} | {r['variant']} | {r['precision']} | {r['measured']:.4f} "
-            f"| {r['prune_s']:.1f} | {r['eval_s']:.1f} | {r['wikitext2']:.2f} |"
+            f"| {r['prune_s']:.1f} | {r['eval_s']:.1f} | {r[text]:.2f} |"
         )
     base = variants[0]
     lines += ["", f"Each variant over {base}, geometric mean over the seeds (each seed's ratio in brackets), and its "
-              "WikiText-2 as the geometric mean over the seeds [lowest, highest]:", ""]  # fmt: skip
-    lines += ["| method | target | variant | prune time | evaluation time | WikiText-2 ratio | WikiText-2 |",
+              f"{name} as the geometric mean over the seeds [lowest, highest]:", ""]  # fmt: skip
+    lines += [f"| method | target | variant | prune time | evaluation time | {name} ratio | {name} |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for method, target in dict.fromkeys((r["method"], r["target"]) for r in rows):
         runs = {(r["seed"], r["variant"]): r for r in rows if (r["method"], r["target"]) == (method, target)}
@@ -82,10 +86,10 @@ def tables(rows: list[dict], variants: list[str]) -> str:
             if not seeds:
                 continue
             cells = []
-            for key in ("prune_s", "eval_s", "wikitext2"):
+            for key in ("prune_s", "eval_s", text):
                 ratios = [runs[s, variant][key] / runs[s, base][key] for s in seeds]
                 cells.append(f"**{geometric_mean(ratios):.3f}** ({', '.join(f'{v:.3f}' for v in ratios)})")
-            ppl = [runs[s, variant]["wikitext2"] for s in seeds]
+            ppl = [runs[s, variant][text] for s in seeds]
             cells.append(f"{geometric_mean(ppl):.2f} [{min(ppl):.2f}, {max(ppl):.2f}]")
             lines.append(f"| {method} | {target} | {variant} | {' | '.join(cells)} |")
     return "\n".join(lines)
@@ -98,6 +102,7 @@ def main() -> None:
     ap.add_argument("--targets", default="0.7,2:4", help="fractions or N:M (N of every M zeroed)")
     ap.add_argument("--variants", type=parse_variants, default="fp32=--precision fp32;bf16=--precision bf16")
     ap.add_argument("--seeds", type=seed_list, default=[0, 1, 2])
+    ap.add_argument("--eval", choices=tuple(TEXT_NAMES), default="wikitext2", help="the text each run is scored on")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-variants")
     ap.add_argument("--write", action="store_true", help="replace this bench's section of BENCHMARKS.md")
     ap.add_argument("--busy", help="what else ran on the machine (then the times are not figures), for the header")
@@ -121,7 +126,9 @@ def main() -> None:
             for method in args.methods.split(","):
                 for variant in args.variants:
                     key = (method, target, seed, variant)
-                    kept = [r for r in done if (r["method"], r["target"], r["seed"], r["variant"]) == key]
+                    kept = [
+                        r for r in done if (r["method"], r["target"], r["seed"], r["variant"]) == key and args.eval in r
+                    ]
                     if not kept:
                         print(f"bench: seed {seed}: {method} {target} {variant}", file=sys.stderr)
                     rows.append(kept[0] if kept else prune(args, seed, method, target, variant))
@@ -134,12 +141,13 @@ def main() -> None:
         f"`python bench/variants.py {shlex.join(sys.argv[1:])}` ({described}) on {machine()}, "
         f"{args.busy or 'nothing else running'}; "
         f"started {started}; runs at commit {', '.join(sorted({r.get('commit', '?') for r in rows}))}.\n\n"
-        f"{tables(rows, names)}\n"
+        f"{tables(rows, names, args.eval)}\n"
     )
     (args.out / "variants.md").write_text(text)
     print(text)
     if args.write:
-        write_section(text, f"variants.py {args.model} {args.methods} {args.targets} {','.join(names)}")
+        scored = "" if args.eval == "wikitext2" else f" {args.eval}"
+        write_section(text, f"variants.py {args.model} {args.methods} {args.targets} {','.join(names)}{scored}")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsellm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=_positive_int, help="torch threads (default: OMP_NUM_THREADS if set, else all cores)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and save it with report.json")
@@ -396,7 +398,9 @@ def cmd_inspect(args) -> int:
 
 
 def _threads_per_rank() -> int:
-    """All cores, shared between the processes torchrun started on this machine."""
+    """OMP_NUM_THREADS when the user set it (torchrun sets it too), else all cores shared between the ranks."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 

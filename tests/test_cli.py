@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -279,3 +280,11 @@ def test_a_pruned_folder_carries_a_model_card_the_hub_can_read(tiny_folder, tmp_
     named = yaml.safe_load(model_card({**report, "model": "smollm2-135m"}, "HuggingFaceTB/SmolLM2-135M-Instruct")
                            .split("---\n")[1])  # fmt: skip
     assert named["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_threads_follow_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cli._threads_per_rank() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert cli._threads_per_rank() == (os.cpu_count() or 1)
