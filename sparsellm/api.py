@@ -24,7 +24,7 @@ from .engine import CHECKPOINT_EVERY
 from .engine.checkpoint import Checkpoint
 from .engine.sequential import EngineOptions, prune_model
 from .eval.perplexity import perplexity
-from .methods import Target, make_method
+from .methods import METHODS, Method, Target, make_method
 from .methods.allocation import Allocation
 from .methods.base import EVENT_KINDS
 from .methods.refit import Refit
@@ -125,7 +125,7 @@ class PruneConfig:
     def validate(self) -> None:
         """Every check that needs no model, with the one-line errors of the CLI."""
         self.target()
-        make_method(self.method, **self.method_options)
+        self.make_method()
         protocol(self.protocol)
         precision.check(self.precision)
         self.refitter()
@@ -133,6 +133,14 @@ class PruneConfig:
 
     def allocator(self) -> Allocation:
         return Allocation(self.allocation, self.owl_lambda, self.owl_m)
+
+    def make_method(self) -> Method:
+        """The method with its options; a joint-MLP method (SparseLLM) refits inside its own W-steps, since the
+        engine's refit reaches only the linears it prunes one at a time (the attention's)."""
+        options = dict(self.method_options)
+        if self.refitter() is not None and getattr(METHODS.get(self.method), "joint_mlp", False):
+            options.setdefault("refit_iterations", self.refit_iterations)
+        return make_method(self.method, **options)
 
     def refitter(self) -> Refit | None:
         if self.refit not in REFITS:
@@ -289,7 +297,7 @@ class _Plan:
 def _plan(model: nn.Module, tokenizer, config: PruneConfig) -> _Plan:
     adapter = adapter_for(model)
     target = config.target()
-    method = make_method(config.method, **config.method_options)
+    method = config.make_method()
     proto = protocol(config.protocol)
     seqlen = seqlen_for(model, proto, config.seqlen)
     nsamples = proto.nsamples if config.nsamples is None else config.nsamples

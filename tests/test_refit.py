@@ -99,3 +99,29 @@ def test_the_engine_refits_each_linear_on_its_own_hessian(smollm2):
             refit = Refit()(dense, pruned, H)
             before, after = row_error(dense, pruned, H).sum(), row_error(dense, refit, H).sum()
             assert after <= before and torch.equal(refit == 0, pruned == 0), path
+
+
+def test_sparsellm_refits_each_w_step_on_a_real_mlp(smollm2):
+    """SparseLLM's MLP is outside the engine's refit: its W-steps refit their own sparse fits, which lowers the
+    calibration output error of every round and keeps the exact zero count."""
+    import copy
+
+    from sparsellm.engine.joint_mlp import mlp_inputs
+    from sparsellm.models.adapters import adapter_for
+    from sparsellm.models.layers import capture
+
+    model, _ = smollm2
+    adapter = adapter_for(model)
+    tokens = torch.randint(100, 40000, (4, 128), generator=torch.Generator().manual_seed(0))
+    inputs = capture(model, adapter, tokens, 4)
+    layer = adapter.decoder_layers(model)[0]
+    x = mlp_inputs(layer, adapter, inputs.hidden, inputs.kwargs[0], 4)[0]
+    config = PruneConfig(method="sparsellm", sparsity=0.7, refit="pcg", refit_iterations=10)
+    assert config.make_method().refit_iterations == 10
+    errors, zeros = {}, {}
+    for name, method in {"plain": make_method("sparsellm"), "refit": config.make_method()}.items():
+        mlp = adapter.mlp(copy.deepcopy(layer))
+        errors[name] = method.prune_mlp(mlp, x, Target(0.7)).rounds["output_error"]
+        zeros[name] = [int((lin.weight == 0).sum()) for lin in (mlp.up, mlp.gate, mlp.down)]
+    assert all(r < p for r, p in zip(errors["refit"], errors["plain"], strict=True)), errors
+    assert zeros["refit"] == zeros["plain"] == [round(0.7 * 576 * 1536)] * 3

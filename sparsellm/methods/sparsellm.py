@@ -42,6 +42,7 @@ from ..core.memory import Alloc, in_ram
 from ..core.types import MLP
 from .activations import Activation, activation
 from .base import Event, MLPResult, Target
+from .refit import Refit
 from .sparsegpt import Factor, SparseGPT, cholesky, hessian_factor, with_damping
 
 log = logging.getLogger("sparsellm")
@@ -196,6 +197,7 @@ class SparseLLM(SparseGPT):
     newton_steps: int = 1  # warm-started across rounds: one safeguarded step did as well as four
     multistart: bool = False  # exact multi-start s-step: same held-out error on SmolLM2, 1.5x the time
     dense_attention_input: bool = False  # the reference code's MLP input: taken before attention was pruned
+    refit_iterations: int = 0  # > 0: each W-step's sparse fit re-solved on its kept weights (methods/refit.py)
 
     def __post_init__(self):
         if not (isinstance(self.rounds, int) and self.rounds >= 1):
@@ -204,6 +206,8 @@ class SparseLLM(SparseGPT):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise UserError(f"--{name} must be a finite positive number; got {value}")
+        if not (isinstance(self.refit_iterations, int) and self.refit_iterations >= 0):
+            raise UserError(f"refit iterations must be a whole number of at least 0; got {self.refit_iterations}")
         if not (isinstance(self.newton_steps, int) and self.newton_steps >= 0):
             raise UserError(f"newton_steps must be a whole number of at least 0; got {self.newton_steps}")
 
@@ -278,7 +282,10 @@ class _Solver:
         """SparseGPT on the least-squares fit (t_a = T^T A / n); round 1 (None) fits the dense targets: Wdense."""
         dense = self.dense[name]
         w_star = dense if t_a is None else least_squares(t_a, hessian, factor.U, dense)
-        self._linears()[name].weight.data.copy_(self.m.prune_factored(w_star, factor, self.target))
+        pruned = self.m.prune_factored(w_star, factor, self.target)
+        if self.m.refit_iterations:  # SparseGPT's sweep leaves the masked least squares unsolved
+            pruned = Refit(self.m.refit_iterations, self.m.percdamp)(w_star, pruned, hessian)
+        self._linears()[name].weight.data.copy_(pruned)
 
     def w_steps(self, first: bool) -> None:
         up_fit = None if first else cross(self.z, self.x, self.n)
