@@ -112,10 +112,10 @@ class PruneConfig:
     offload_dir: str | None = None  # where offloaded tensors go (default: the temporary folder)
     precision: str = "auto"  # matrix products: bf16 (fp32 sums and solves) where the hardware has it, else fp32
     refit: str = "none"  # "pcg": re-solve each pruned linear's kept weights on its Hessian (methods/refit.py)
-    refit_iterations: int = 20
+    refit_iterations: int = Refit.iterations
     allocation: str = "uniform"  # per-layer sparsities: uniform, owl or alpha (methods/allocation.py)
-    owl_lambda: float = 0.08  # the allocation's spread: layer targets within target +- this
-    owl_m: float = 5.0
+    owl_lambda: float = Allocation.spread  # the allocation's spread: layer targets within target +- this
+    owl_m: float = Allocation.owl_m
 
     def target(self) -> Target:
         if (self.sparsity is None) == (self.nm is None):

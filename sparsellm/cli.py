@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("none", "pcg"),
         default="none",
         help="pcg: after each linear's mask is chosen, re-solve its kept weights to reproduce the dense outputs on "
-        "the calibration inputs (conjugate gradients on the Hessian; any method; SparseLLM: its attention linears)",
+        "the calibration inputs (conjugate gradients on the Hessian; any method; SparseLLM: its attention linears and "
+        "each W-step's sparse fit of its MLP)",
     )
-    p.add_argument("--refit-iterations", type=_positive_int, default=20, help="conjugate-gradient iterations")
+    p.add_argument("--refit-iterations", type=_positive_int, help="conjugate-gradient iterations (default 20)")
     p.add_argument(
         "--allocation",
         choices=("uniform", "owl", "alpha"),
@@ -122,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-layer sparsities (--sparsity only): owl prunes layers with more activation outliers less (one "
         "dense pass); alpha prunes layers with heavier-tailed weight spectra less (AlphaPruning, data-free)",
     )
-    p.add_argument("--owl-lambda", type=float, default=0.08, help="layer targets within target +- this")
-    p.add_argument("--owl-m", type=float, default=5.0, help="owl: an outlier's score exceeds M x the layer mean")
+    p.add_argument("--owl-lambda", type=float, help="layer targets within target +- this (default 0.08)")
+    p.add_argument("--owl-m", type=float, help="owl: an outlier's score exceeds M x the layer mean (default 5)")
     s = p.add_argument_group("SparseLLM (--method sparsellm)")
     s.add_argument("--rounds", type=int, help="alternating rounds per MLP (round 1 = SparseGPT)")
     s.add_argument("--alpha", type=float, help="weight of the up/gate terms (each term is normalised per layer)")
@@ -161,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("recovery after pruning (sparsellm recover has every option)")
     r.add_argument("--recover-tokens", type=_positive_int, help="then fine-tune on this many tokens, zeros held, in "
                    "windows of --seqlen (default 512)")  # fmt: skip
-    r.add_argument("--recover-loss", default="kl", help="kl (default), kl+hidden or ce")
-    r.add_argument("--recover-data", default="c4", help="c4 (default), ptb or a .txt/.jsonl file")
-    r.add_argument("--recover-lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    r.add_argument("--recover-loss", help="kl (default), kl+hidden or ce")
+    r.add_argument("--recover-data", help="c4 (default), ptb or a .txt/.jsonl file")
+    r.add_argument("--recover-lr", type=float, help="peak learning rate (default 1e-3)")
 
     _add_recover_parser(sub)
 
@@ -306,6 +307,11 @@ def _print_result(result: dict, out: str) -> None:
     print(f"saved {out}/ ({size}; report.json inside)")
 
 
+def _given(options: dict) -> dict:
+    """The options the user set: the others keep their defaults, written once, in the config classes."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def cmd_recover(args) -> int:
     from . import api, pipeline
 
@@ -313,8 +319,7 @@ def cmd_recover(args) -> int:
                "micro_batch": args.micro_batch, "lr": args.lr, "warmup": args.warmup,
                "weight_decay": args.weight_decay, "clip": args.clip, "seed": args.seed,
                "freeze": None if args.freeze is None else _freeze(args.freeze)}  # fmt: skip
-    given = {name: value for name, value in options.items() if value is not None}
-    config = api.RecoverConfig(tokens=args.tokens, precision=args.precision, **given)
+    config = api.RecoverConfig(tokens=args.tokens, precision=args.precision, **_given(options))
     output = pipeline.Output(Path(args.out), args.overwrite, args.resume, args.checkpoint_every, args.save_format)
     spec = pipeline.ModelSpec(args.folder, args.device, args.dtype, args.stream)
     result = pipeline.recover(Path(args.folder), args.teacher, spec, config,
@@ -327,21 +332,20 @@ def cmd_recover(args) -> int:
 def cmd_prune(args) -> int:
     from . import api, pipeline
 
+    options = {"refit_iterations": args.refit_iterations, "owl_lambda": args.owl_lambda, "owl_m": args.owl_m}
     config = api.PruneConfig(
         method=args.method, sparsity=args.sparsity, nm=args.nm, protocol=args.protocol, calib=args.calib,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,
         true_sequential=args.true_sequential, batch_size=args.batch_size, method_options=_method_options(args),
         max_memory=_bytes(args.max_memory) if args.max_memory else None, offload_dir=args.offload_dir,
-        precision=args.precision, refit=args.refit, refit_iterations=args.refit_iterations,
-        allocation=args.allocation, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
+        precision=args.precision, refit=args.refit, allocation=args.allocation,
+        **_given(options),
     )  # fmt: skip
     output = pipeline.Output(Path(args.out), args.overwrite, args.resume, args.checkpoint_every, args.save_format)
     recovery = None
     if args.recover_tokens:
-        recovery = api.RecoverConfig(
-            tokens=args.recover_tokens, loss=args.recover_loss, data=args.recover_data, lr=args.recover_lr,
-            precision=args.precision, seqlen=args.seqlen or 512,
-        )  # fmt: skip
+        options = {"loss": args.recover_loss, "data": args.recover_data, "lr": args.recover_lr, "seqlen": args.seqlen}
+        recovery = api.RecoverConfig(tokens=args.recover_tokens, precision=args.precision, **_given(options))
     result = pipeline.prune(_model_spec(args), config, _eval_spec(args, _datasets(args.eval)), output, recovery)
     if result is not None:
         _print_result(result, args.out)
