@@ -344,7 +344,8 @@ def machine() -> str:
     lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
     model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), platform.machine())
     flags = sorted(cpu_flags() & set(CPU_BF16_FLAGS)) or ["no bf16 flags"]
-    return f"{model} ({', '.join(flags)}), {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{model} ({', '.join(flags)}), {threads} thread{'s' if threads > 1 else ''}"
 
 
 def write_section(text: str, key: str) -> None:
