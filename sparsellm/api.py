@@ -114,7 +114,7 @@ class PruneConfig:
     refit: str = "none"  # "pcg": re-solve each pruned linear's kept weights on its Hessian (methods/refit.py)
     refit_iterations: int = Refit.iterations
     allocation: str = "uniform"  # per-layer sparsities: uniform, owl or alpha (methods/allocation.py)
-    owl_lambda: float = Allocation.spread  # the allocation's spread: layer targets within target +- this
+    owl_lambda: float | None = None  # the allocation's spread: targets within target +- this (None: the method's)
     owl_m: float = Allocation.owl_m
 
     def target(self) -> Target:
@@ -132,7 +132,10 @@ class PruneConfig:
         self.allocator().check(self.target())
 
     def allocator(self) -> Allocation:
-        return Allocation(self.allocation, self.owl_lambda, self.owl_m)
+        """The allocation rule; without --owl-lambda, owl takes the method's own spread (chosen on held-out text)."""
+        method = METHODS.get(self.method)
+        default = method.owl_lambda if method is not None and self.allocation == "owl" else Allocation.spread
+        return Allocation(self.allocation, default if self.owl_lambda is None else self.owl_lambda, self.owl_m)
 
     def make_method(self) -> Method:
         """The method with its options; a joint-MLP method (SparseLLM) refits inside its own W-steps, since the
@@ -351,7 +354,7 @@ def prune(
     checkpoint = None
     if checkpoint_dir is not None:
         run = {**asdict(config), "seqlen": plan.seqlen, "nsamples": plan.nsamples, "layers": plan.layer_ids,
-               "precision": plan.precision.name}  # fmt: skip
+               "precision": plan.precision.name, "owl_lambda": config.allocator().spread}  # fmt: skip
         checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model, run, calib_sha), checkpoint_every)
     resumed = checkpoint is not None and checkpoint.exists()
     with precision.using(plan.precision):
@@ -373,6 +376,7 @@ def _report(model: nn.Module, config: PruneConfig, plan: _Plan, logs, tally: Zer
         protocol=plan.proto.name,
         config={
             **asdict(config),
+            "owl_lambda": config.allocator().spread,  # the spread that ran, the rule's own when none was given
             "seqlen": plan.seqlen,
             "nsamples": plan.nsamples,
             "layers_pruned": plan.layer_ids,

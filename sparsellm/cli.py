@@ -123,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-layer sparsities (--sparsity only): owl prunes layers with more activation outliers less (one "
         "dense pass); alpha prunes layers with heavier-tailed weight spectra less (AlphaPruning, data-free)",
     )
-    p.add_argument("--owl-lambda", type=float, help="layer targets within target +- this (default 0.08)")
+    p.add_argument(
+        "--owl-lambda",
+        type=float,
+        help="layer targets within target +- this (default: owl with sparsegpt or sparsellm 0.2, else 0.08)",
+    )
     p.add_argument("--owl-m", type=float, help="owl: an outlier's score exceeds M x the layer mean (default 5)")
     s = p.add_argument_group("SparseLLM (--method sparsellm)")
     s.add_argument("--rounds", type=int, help="alternating rounds per MLP (round 1 = SparseGPT)")

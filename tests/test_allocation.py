@@ -90,4 +90,7 @@ def test_streamed_allocation_equals_the_in_memory_one(tiny_folder, tmp_path):
     assert inspected.returncode == 0, inspected.stdout
     assert f"{memory['layers'][0]['target']:.4f}" in inspected.stdout.split("layer  sparsity  target")[1]
     assert [lg["target"] for lg in memory["layers"]] == [lg["target"] for lg in streamed["layers"]]
+    targets = [lg["target"] for lg in memory["layers"]]  # no --owl-lambda: Wanda's own spread ran and is reported
+    assert memory["config"]["owl_lambda"] == 0.08 and max(targets) - min(targets) == pytest.approx(0.16)
+    assert PruneConfig(method="sparsellm", sparsity=0.7, allocation="owl").allocator().spread == 0.2
     assert memory["sparsity"]["per_matrix"] == streamed["sparsity"]["per_matrix"]

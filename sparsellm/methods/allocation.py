@@ -29,7 +29,7 @@ RULES = ("uniform", "owl", "alpha")
 @dataclass(frozen=True)
 class Allocation:
     rule: str = "uniform"
-    spread: float = 0.08  # OWL's lambda: layer sparsities within target +- spread
+    spread: float = 0.08  # OWL's lambda: layer sparsities within target +- spread (each method has its default)
     owl_m: float = 5.0  # OWL's M: an outlier's score exceeds M times the layer's mean
 
     def __post_init__(self):
