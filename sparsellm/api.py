@@ -134,8 +134,14 @@ class PruneConfig:
     def allocator(self) -> Allocation:
         """The allocation rule; without --owl-lambda, owl takes the method's own spread (chosen on held-out text)."""
         method = METHODS.get(self.method)
-        default = method.owl_lambda if method is not None and self.allocation == "owl" else Allocation.spread
-        return Allocation(self.allocation, default if self.owl_lambda is None else self.owl_lambda, self.owl_m)
+        spread = self.owl_lambda
+        if spread is None and self.allocation == "owl" and method is not None:
+            spread = method.owl_lambda
+        return Allocation(self.allocation, Allocation.spread if spread is None else spread, self.owl_m)
+
+    def resolved(self) -> dict:
+        """The settings as they run: the fields, with the spread a default resolved to (report and resume)."""
+        return {**asdict(self), "owl_lambda": self.allocator().spread}
 
     def make_method(self) -> Method:
         """The method with its options; a joint-MLP method (SparseLLM) refits inside its own W-steps, since the
@@ -353,8 +359,8 @@ def prune(
     calib_sha = tensor_sha256(plan.calib.to(torch.int64))
     checkpoint = None
     if checkpoint_dir is not None:
-        run = {**asdict(config), "seqlen": plan.seqlen, "nsamples": plan.nsamples, "layers": plan.layer_ids,
-               "precision": plan.precision.name, "owl_lambda": config.allocator().spread}  # fmt: skip
+        run = {**config.resolved(), "seqlen": plan.seqlen, "nsamples": plan.nsamples, "layers": plan.layer_ids,
+               "precision": plan.precision.name}  # fmt: skip
         checkpoint = Checkpoint(checkpoint_dir, _fingerprint(model, run, calib_sha), checkpoint_every)
     resumed = checkpoint is not None and checkpoint.exists()
     with precision.using(plan.precision):
@@ -375,8 +381,7 @@ def _report(model: nn.Module, config: PruneConfig, plan: _Plan, logs, tally: Zer
         method=config.method,
         protocol=plan.proto.name,
         config={
-            **asdict(config),
-            "owl_lambda": config.allocator().spread,  # the spread that ran, the rule's own when none was given
+            **config.resolved(),
             "seqlen": plan.seqlen,
             "nsamples": plan.nsamples,
             "layers_pruned": plan.layer_ids,

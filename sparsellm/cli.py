@@ -348,8 +348,8 @@ def cmd_prune(args) -> int:
     output = pipeline.Output(Path(args.out), args.overwrite, args.resume, args.checkpoint_every, args.save_format)
     recovery = None
     if args.recover_tokens:
-        options = {"loss": args.recover_loss, "data": args.recover_data, "lr": args.recover_lr, "seqlen": args.seqlen}
-        recovery = api.RecoverConfig(tokens=args.recover_tokens, precision=args.precision, **_given(options))
+        training = {"loss": args.recover_loss, "data": args.recover_data, "lr": args.recover_lr, "seqlen": args.seqlen}
+        recovery = api.RecoverConfig(tokens=args.recover_tokens, precision=args.precision, **_given(training))
     result = pipeline.prune(_model_spec(args), config, _eval_spec(args, _datasets(args.eval)), output, recovery)
     if result is not None:
         _print_result(result, args.out)

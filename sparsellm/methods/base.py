@@ -133,7 +133,7 @@ class Method:
     statistic: ClassVar[str | None] = None  # "hessian", "sqnorm" or None
     joint_mlp: ClassVar[bool] = False
     dense_attention_input: ClassVar[bool] = False
-    owl_lambda: ClassVar[float] = 0.08  # OWL's spread when none is given: OWL's published value
+    owl_lambda: ClassVar[float | None] = None  # OWL's spread when none is given (None: Allocation's, OWL's own)
 
     def prune(self, weight: torch.Tensor, stat: torch.Tensor | None, target: Target) -> Pruned:
         raise NotImplementedError
