@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from run import ROOT, machine, target_args, write_section
+from run import ROOT, commit, machine, target_args, write_section
 from safetensors import safe_open
 from torch import nn
 
@@ -202,12 +202,11 @@ def main() -> None:
     dense_speed = speed(dense_model, tokens, args.new, args.repeats)
     del dense_model
     rows = [one_target(args, t, tokens) for t in args.targets.split(",")]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     header = (
         f"`python bench/compressed.py --model {args.model} --method {args.method} --targets {args.targets} "
         f"--prompt {args.prompt} "
         f"--new {args.new} --repeats {args.repeats}`; {machine()}; torch {torch.__version__}; started {started}; "
-        f"commit {commit.stdout.strip()}. Pruned by `--method {args.method}`, seed 0; fp32 weights."
+        f"commit {commit()}. Pruned by `--method {args.method}`, seed 0; fp32 weights."
     )
     text = header + "\n\n" + tables(rows, dense_speed)
     print(text)

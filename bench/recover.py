@@ -23,13 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from run import ROOT, machine, write_section
-
-
-def commit() -> str:
-    return subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
+from run import ROOT, commit, machine, write_section
 
 
 def settings(text: str) -> dict[str, list[str]]:

@@ -337,6 +337,17 @@ def grid(args, out: Path, seed: int, calib: Path, calib_sha: str, use_peer: bool
     return rows
 
 
+def commit() -> str:
+    """The short hash of the checked-out commit (every table names the code it measured)."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return done.stdout.strip() or "unknown"
+
+
+def stamp() -> str:
+    """When and at which commit a table was measured."""
+    return f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit()}"
+
+
 def machine() -> str:
     """The CPU model and its bf16 flags, as lscpu gives them (speed differs by CPU, so every table says)."""
     from sparsellm.core.precision import CPU_BF16_FLAGS, cpu_flags
@@ -346,6 +357,13 @@ def machine() -> str:
     flags = sorted(cpu_flags() & set(CPU_BF16_FLAGS)) or ["no bf16 flags"]
     threads = torch.get_num_threads()
     return f"{model} ({', '.join(flags)}), {threads} thread{'s' if threads > 1 else ''}"
+
+
+def publish(text: str, key: str, write: bool) -> None:
+    """Print a bench's table, and with `write` put it in its section of BENCHMARKS.md."""
+    print(text)
+    if write:
+        write_section(text, key)
 
 
 def write_section(text: str, key: str) -> None:

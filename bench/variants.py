@@ -17,19 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from run import ROOT, geometric_mean, machine, seed_list, sh, target_args, write_section
+from run import ROOT, commit, geometric_mean, machine, seed_list, sh, target_args, write_section
 
 TEXT_NAMES = {"wikitext2": "WikiText-2", "c4": "C4", "ptb": "PTB"}
-
-
-def commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return done.stdout.strip() or "unknown"
 
 
 def parse_variants(text: str) -> dict[str, list[str]]:

@@ -74,7 +74,9 @@ def test_every_method_refits_with_exact_sparsity_and_a_lower_error(method, tiny_
 
 
 def test_the_engine_refits_each_linear_on_its_own_hessian(smollm2):
-    """On a real layer: every linear's calibration error with the refit is at most the method's alone."""
+    """On a real layer: every linear's calibration error with the refit is at most the method's alone, and bf16
+    products in the iterations take at least 90% of the fall fp32 products give (95-99% measured)."""
+    from sparsellm.core import precision
     from sparsellm.core.memory import in_ram
     from sparsellm.engine.stats import recording
     from sparsellm.models.adapters import adapter_for, submodule
@@ -97,8 +99,12 @@ def test_the_engine_refits_each_linear_on_its_own_hessian(smollm2):
             dense = submodule(layer, path).weight.data
             pruned = make_method("sparsegpt").prune(dense, H, Target(0.7)).weight
             refit = Refit()(dense, pruned, H)
+            with precision.using(precision.Precision("bf16", "test")):
+                refit_bf16 = Refit()(dense, pruned, H)
             before, after = row_error(dense, pruned, H).sum(), row_error(dense, refit, H).sum()
-            assert after <= before and torch.equal(refit == 0, pruned == 0), path
+            assert after < before and torch.equal(refit == 0, pruned == 0), path
+            after_bf16 = row_error(dense, refit_bf16, H).sum()
+            assert before - after_bf16 >= 0.9 * (before - after) and torch.equal(refit_bf16 == 0, pruned == 0), path
 
 
 def test_sparsellm_refits_each_w_step_on_a_real_mlp(smollm2):

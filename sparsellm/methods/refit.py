@@ -5,9 +5,14 @@ With H = X X^T / N of the linear's calibration inputs, the pruned weight W shoul
 Each row is a least-squares problem on its own kept inputs S_r: H_SS w_S = (H d)_S. SparseGPT's single sweep
 leaves it unsolved (each column's update only reaches the columns after it), and Wanda and magnitude do not
 update at all. Preconditioned conjugate gradients solve all rows at once: the operator is p -> (p H) * keep,
-one matrix product per iteration, preconditioned by diag(H). Warm-started at the method's weights, the objective
-falls at every iteration; a row whose objective ends above where it started keeps the method's weights, so the
+one matrix product per iteration, preconditioned by diag(H), in the current precision (core/precision.py: under
+bf16 the iterations' products, fp32 everything else). Warm-started at the method's weights, the objective falls at
+every iteration; a row whose objective ends above where it started (in fp32) keeps the method's weights, so the
 refit never makes a linear's calibration error worse.
+
+Five iterations by default: on SmolLM2's MLP linears (layers 5, 12, 20, 27; Wanda and SparseGPT masks at 70% and
+80%) the error on held-out C4 windows after 5 iterations is within 0.001 of that after 10, 20 or 40, and bf16
+products leave it unchanged to four decimals.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core import precision
 from ..core.errors import UserError
 
 
@@ -23,7 +29,7 @@ from ..core.errors import UserError
 class Refit:
     """`iterations` of PCG on H + damping * mean(diag H) I (damping as SparseGPT's, for the same conditioning)."""
 
-    iterations: int = 20
+    iterations: int = 5
     damping: float = 0.01
 
     def __post_init__(self):
@@ -36,14 +42,16 @@ class Refit:
         """The kept weights of `pruned` re-solved against `dense` (same zeros, same dtype)."""
         H = hessian.float()
         A = H + self.damping * H.diagonal().mean().clamp_min(1e-12) * torch.eye(H.shape[0], device=H.device)
+        A_low = precision.low(A)
+        product = lambda p: (precision.low(p) @ A_low).float()  # noqa: E731  (p A: A is symmetric)
         keep = (pruned != 0).float()
         d, w = dense.float(), pruned.float().clone()
-        r = (d - w) @ A * keep  # b - A w, with b = (d A) * keep
+        r = product(d - w) * keep  # b - A w, with b = (d A) * keep
         inv_diag = keep / A.diagonal()
         z = r * inv_diag
         p, rz = z.clone(), (r * z).sum(1, keepdim=True)
         for _ in range(self.iterations):
-            Ap = p @ A * keep
+            Ap = product(p) * keep
             pAp = (p * Ap).sum(1, keepdim=True)
             alpha = torch.where(pAp > 0, rz / pAp.clamp_min(1e-30), 0.0)
             w.addcmul_(alpha, p)
