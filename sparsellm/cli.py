@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the calibration inputs (conjugate gradients on the Hessian; any method; SparseLLM: its attention linears and "
         "each W-step's sparse fit of its MLP)",
     )
-    p.add_argument("--refit-iterations", type=_positive_int, help="conjugate-gradient iterations (default 5)")
+    p.add_argument("--refit-iterations", type=_positive_int, help="conjugate-gradient iterations (default 10)")
     p.add_argument(
         "--allocation",
         choices=("uniform", "owl", "alpha"),
