@@ -19,6 +19,7 @@ import time
 
 import torch
 from run import machine, publish, stamp
+from sparsellm_sweep import layer_inputs_at
 
 import sparsellm
 from sparsellm.core import precision
@@ -27,25 +28,19 @@ from sparsellm.engine.stats import recording
 from sparsellm.methods import Target, make_method
 from sparsellm.methods.refit import Refit, row_error
 from sparsellm.models.adapters import adapter_for, submodule
-from sparsellm.models.layers import capture, run_layer
+from sparsellm.models.layers import run_layer
 
 PRECISIONS = {"fp32": precision.FP32, "bf16": precision.Precision("bf16", "bench")}
 
 
 def site_hessians(model, adapter, tokens: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
     """{site: the input Hessian of decoder layer `index`'s linears there} with every layer dense."""
-    inputs, decoder = capture(model, adapter, tokens, 8), adapter.decoder_layers(model)
-    x = inputs.hidden
-    for i in range(index):
-        x = run_layer(decoder[i], x, inputs.kwargs[i], 8)
-    first = {site.name: submodule(decoder[index], site.linears[0]) for site in adapter.sites}
+    x, kwargs = layer_inputs_at(model, adapter, tokens, index)
+    layer = adapter.decoder_layers(model)[index]
+    first = {site.name: submodule(layer, site.linears[0]) for site in adapter.sites}
     with recording(first, "hessian") as stats:
-        run_layer(decoder[index], x, inputs.kwargs[index], 8)
+        run_layer(layer, x, kwargs, 8)
     return {name: stats[name].mean() for name in first}
-
-
-def held_out_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
-    return float(row_error(dense, pruned, hessian).sum() / row_error(dense, torch.zeros_like(dense), hessian).sum())
 
 
 def main() -> None:
@@ -67,6 +62,7 @@ def main() -> None:
         for site in adapter.sites:
             for path in site.linears:
                 dense = submodule(adapter.decoder_layers(model)[index], path).weight.data.float()
+                held_norm = float(row_error(dense, torch.zeros_like(dense), held[site.name]).sum())  # tr(W H W^T)
                 for name in ("wanda", "sparsegpt"):
                     method = make_method(name)
                     stat = fit[site.name].diagonal().clone() if method.statistic == "sqnorm" else fit[site.name]
@@ -78,7 +74,8 @@ def main() -> None:
                                 refit = Refit(k)(dense, pruned, fit[site.name]) if k else pruned
                                 key = (name, k, p_name)
                                 seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
-                            errors.setdefault(key, []).append(held_out_error(dense, refit, held[site.name]))
+                            held_err = float(row_error(dense, refit, held[site.name]).sum()) / held_norm
+                            errors.setdefault(key, []).append(held_err)
         print(f"layer {index} done", flush=True)
     lines = ["| method | iterations | products | held-out error (geometric mean) | refit s |", "|---|---|---|---|---|"]
     for (name, k, p_name), errs in errors.items():

@@ -25,13 +25,18 @@ from sparsellm.models.adapters import adapter_for
 from sparsellm.models.layers import capture, run_layer
 
 
-def mlp_inputs_at(model, adapter, tokens, layer_index):
+def layer_inputs_at(model, adapter, tokens, layer_index):
+    """The inputs of decoder layer `layer_index` and its kwargs, every layer before it dense."""
     inputs = capture(model, adapter, tokens, 8)
     x = inputs.hidden
     for i in range(layer_index):
         x = run_layer(adapter.decoder_layers(model)[i], x, inputs.kwargs[i], 8)
-    layer = adapter.decoder_layers(model)[layer_index]
-    return mlp_inputs(layer, adapter, x, inputs.kwargs[layer_index], 8)[0]
+    return x, inputs.kwargs[layer_index]
+
+
+def mlp_inputs_at(model, adapter, tokens, layer_index):
+    x, kwargs = layer_inputs_at(model, adapter, tokens, layer_index)
+    return mlp_inputs(adapter.decoder_layers(model)[layer_index], adapter, x, kwargs, 8)[0]
 
 
 def main() -> None:
