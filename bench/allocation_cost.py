@@ -12,10 +12,9 @@ values of every pruned matrix, no data). The fastest of `--repeats` runs of each
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from run import machine, publish, stamp
+from run import machine, publish, seconds, stamp
 
 import sparsellm
 from sparsellm.api import protocol, seqlen_for
@@ -28,15 +27,6 @@ from sparsellm.methods.allocation import Allocation
 from sparsellm.methods.base import Target
 from sparsellm.models.adapters import adapter_for
 from sparsellm.models.layers import capture, run_layer
-
-
-def fastest(repeats: int, run) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -59,12 +49,12 @@ def main() -> None:
             for layer, kwargs in zip(decoder, inputs.kwargs, strict=True):
                 x = run_layer(layer, x, kwargs, batch)
 
-        rows = [("one forward pass of the calibration set", fastest(args.repeats, forward))]
+        rows = [("one forward pass of the calibration set", min(seconds(forward, args.repeats)))]
         for rule in ("owl", "alpha"):
             allocate = lambda rule=rule: layer_targets(  # noqa: E731
                 model, adapter, Allocation(rule), target, inputs, layers, batch, in_ram, LayerIO()
             )
-            rows.append((f"--allocation {rule}", fastest(args.repeats, allocate)))
+            rows.append((f"--allocation {rule}", min(seconds(allocate, args.repeats))))
     head = (f"`python bench/allocation_cost.py --model {args.model} --repeats {args.repeats}` on {machine()}; "
             f"{calib.shape[0]} x {calib.shape[1]} calibration tokens, {chosen.name}; "
             f"{stamp()}.")  # fmt: skip

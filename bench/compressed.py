@@ -20,7 +20,6 @@ median of --repeats. `--write` replaces this bench's section of BENCHMARKS.md in
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import json
 import math
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from run import ROOT, commit, machine, target_args, write_section
+from run import ROOT, commit, machine, seconds, target_args, write_section
 from safetensors import safe_open
 from torch import nn
 
@@ -76,14 +75,7 @@ def as_csr(model: nn.Module, pruned: set[str]) -> nn.Module:
 
 def median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up (first-call allocations, oneDNN/MKL setup)
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-        del result  # freed outside the timed span: freeing a model is not part of loading it
-    return statistics.median(times)
+    return statistics.median(seconds(fn, repeats))  # freeing a model is not part of loading it
 
 
 @torch.inference_mode()

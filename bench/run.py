@@ -22,6 +22,7 @@ its weights are deleted once read (`--keep-models` keeps them: ~20 GB for the de
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import platform
@@ -346,6 +347,18 @@ def commit() -> str:
 def stamp() -> str:
     """When and at which commit a table was measured."""
     return f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit()}"
+
+
+def seconds(fn, repeats: int) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of `fn`; what it returns is freed outside the timed span."""
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+        del result
+    return times
 
 
 def machine() -> str:

@@ -103,6 +103,22 @@ def test_gram_is_the_gram_matrix_and_exactly_symmetric(width):
         assert (h.double() - reference).abs().max() < 1e-5 * reference.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sqnorm_statistic_is_the_mean_square_and_leaves_the_input_alone(dtype):
+    """Wanda's and OWL's per-column mean square, summed in row chunks (here across two calls and a short chunk)."""
+    from sparsellm.engine.stats import InputStats
+
+    x = torch.randn(2, 300, 40, generator=torch.Generator().manual_seed(0)).to(dtype)
+    before = x.clone()
+    stats = InputStats("sqnorm")
+    for part in x:
+        stats.add(part)
+    reference = x.double().reshape(-1, 40).square().mean(0)
+    assert torch.equal(x, before)
+    assert stats.tokens == 600
+    assert (stats.mean().double() - reference).abs().max() < 1e-6 * reference.max()
+
+
 FAULTS_OF_REPEATED_ALLOCATIONS = """
 import resource, sys, torch
 from sparsellm.core.memory import keep_freed_memory
