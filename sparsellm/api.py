@@ -26,6 +26,7 @@ from .engine.sequential import EngineOptions, prune_model
 from .eval.perplexity import perplexity
 from .methods import METHODS, Method, Target, make_method
 from .methods.allocation import Allocation
+from .methods.alps import Alps
 from .methods.base import EVENT_KINDS
 from .methods.refit import Refit
 from .models.adapters import Adapter, adapter_for, context_length
@@ -111,8 +112,11 @@ class PruneConfig:
     max_memory: int | None = None  # bytes of RAM for per-token tensors (default: half the RAM); beyond: disk
     offload_dir: str | None = None  # where offloaded tensors go (default: the temporary folder)
     precision: str = "auto"  # matrix products: bf16 (fp32 sums and solves) where the hardware has it, else fp32
-    refit: str = "none"  # "pcg": re-solve each pruned linear's kept weights on its Hessian (methods/refit.py)
+    refit: str = "none"  # "pcg": re-solve each pruned linear's kept weights on its Hessian (methods/refit.py);
+    # "alps": first let the mask move by ADMM, then the same (methods/alps.py)
     refit_iterations: int = Refit.iterations
+    alps_iterations: int = Alps.iterations
+    alps_rho: float = Alps.rho
     allocation: str = "uniform"  # per-layer sparsities: uniform, owl or alpha (methods/allocation.py)
     owl_lambda: float | None = None  # the allocation's spread: targets within target +- this (None: the method's)
     owl_m: float = Allocation.owl_m
@@ -149,15 +153,21 @@ class PruneConfig:
         options = dict(self.method_options)
         if self.refitter() is not None and getattr(METHODS.get(self.method), "joint_mlp", False):
             options.setdefault("refit_iterations", self.refit_iterations)
+            if self.refit == "alps":
+                options.setdefault("alps_iterations", self.alps_iterations)
+                options.setdefault("alps_rho", self.alps_rho)
         return make_method(self.method, **options)
 
-    def refitter(self) -> Refit | None:
+    def refitter(self) -> Refit | Alps | None:
         if self.refit not in REFITS:
             raise UserError(f"unknown refit '{self.refit}'; choose from: {', '.join(REFITS)}")
-        return Refit(self.refit_iterations) if self.refit == "pcg" else None
+        if self.refit == "none":
+            return None
+        pcg = Refit(self.refit_iterations)
+        return pcg if self.refit == "pcg" else Alps(self.alps_iterations, self.alps_rho, refit=pcg)
 
 
-REFITS = ("none", "pcg")
+REFITS = ("none", "pcg", "alps")
 REPORT_SCHEMA = 4  # report.json's layout; raised whenever a field changes meaning or moves
 
 

@@ -109,13 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-dir", help="folder for offloaded tensors (default: the system's temporary folder)")
     p.add_argument(
         "--refit",
-        choices=("none", "pcg"),
+        choices=("none", "pcg", "alps"),
         default="none",
         help="pcg: after each linear's mask is chosen, re-solve its kept weights to reproduce the dense outputs on "
         "the calibration inputs (conjugate gradients on the Hessian; any method; SparseLLM: its attention linears and "
-        "each W-step's sparse fit of its MLP)",
+        "each W-step's sparse fit of its MLP); alps: first let the mask move (ALPS's ADMM on the Hessian, the same "
+        "zero count), kept where it lowers the calibration error (SparseLLM: its attention linears; W-steps as pcg)",
     )
     p.add_argument("--refit-iterations", type=_positive_int, help="conjugate-gradient iterations (default 10)")
+    p.add_argument("--alps-iterations", type=_positive_int, help="alps: most ADMM iterations (default 30)")
+    p.add_argument("--alps-rho", type=float, help="alps: the ADMM penalty it starts from (default 0.1)")
     p.add_argument(
         "--allocation",
         choices=("uniform", "owl", "alpha"),
@@ -336,7 +339,8 @@ def cmd_recover(args) -> int:
 def cmd_prune(args) -> int:
     from . import api, pipeline
 
-    options = {"refit_iterations": args.refit_iterations, "owl_lambda": args.owl_lambda, "owl_m": args.owl_m}
+    options = {"refit_iterations": args.refit_iterations, "alps_iterations": args.alps_iterations,
+               "alps_rho": args.alps_rho, "owl_lambda": args.owl_lambda, "owl_m": args.owl_m}  # fmt: skip
     config = api.PruneConfig(
         method=args.method, sparsity=args.sparsity, nm=args.nm, protocol=args.protocol, calib=args.calib,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, layers=args.layers,

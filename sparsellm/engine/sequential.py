@@ -23,6 +23,7 @@ from ..core.errors import UserError
 from ..core.memory import allocator
 from ..core.types import LayerIO, Site
 from ..methods.allocation import Allocation
+from ..methods.alps import Alps
 from ..methods.base import Event, Method, Target
 from ..methods.refit import Refit
 from ..models.adapters import Adapter, submodule
@@ -49,7 +50,7 @@ class EngineOptions:
     true_sequential: bool = False
     offload_dir: Path | None = None  # layer inputs/outputs memory-mapped from files here instead of RAM
     auxiliary_dir: Path | None = None  # a joint-MLP method's per-token tensors memory-mapped from files here
-    refit: Refit | None = None  # re-solve each pruned linear's kept weights on its Hessian (methods/refit.py)
+    refit: Refit | Alps | None = None  # re-solve each pruned linear on its Hessian (methods/refit.py, alps.py)
     allocation: Allocation = Allocation()  # per-layer targets (methods/allocation.py)
 
 
@@ -79,7 +80,9 @@ def prune_site_group(
         for path in site.linears:
             linear = submodule(layer, path)
             pruned = method.prune(linear.weight.data, stat if method.statistic else None, target)
-            weight = pruned.weight if opts.refit is None else opts.refit(linear.weight.data, pruned.weight, recorded)
+            weight = pruned.weight
+            if opts.refit is not None:
+                weight = opts.refit(linear.weight.data, weight, recorded, target)
             linear.weight.data.copy_(weight)
             events += [e.on(path) for e in pruned.events]
     return events

@@ -24,6 +24,7 @@ import torch
 
 from ..core import precision
 from ..core.errors import UserError
+from .base import Target
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,10 @@ class Refit:
         if not (0.0 <= self.damping < 1e3):  # also refuses NaN
             raise UserError(f"refit damping must be in [0, 1000); got {self.damping}")
 
-    def __call__(self, dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-        """The kept weights of `pruned` re-solved against `dense` (same zeros, same dtype)."""
+    def __call__(
+        self, dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor, target: Target | None = None
+    ) -> torch.Tensor:
+        """The kept weights of `pruned` re-solved against `dense` (same zeros, same dtype: `target` not needed)."""
         H = hessian.float()
         A = H + self.damping * H.diagonal().mean().clamp_min(1e-12) * torch.eye(H.shape[0], device=H.device)
         A_low = precision.low(A)

@@ -41,6 +41,7 @@ from ..core.fused import fused
 from ..core.memory import Alloc, in_ram
 from ..core.types import MLP
 from .activations import Activation, activation
+from .alps import Alps
 from .base import Event, MLPResult, Target
 from .refit import Refit
 from .sparsegpt import Factor, SparseGPT, cholesky, hessian_factor, with_damping
@@ -198,6 +199,8 @@ class SparseLLM(SparseGPT):
     multistart: bool = False  # exact multi-start s-step: same held-out error on SmolLM2, 1.5x the time
     dense_attention_input: bool = False  # the reference code's MLP input: taken before attention was pruned
     refit_iterations: int = 0  # > 0: each W-step's sparse fit re-solved on its kept weights (methods/refit.py)
+    alps_iterations: int = 0  # > 0: each W-step's sparse fit may first move its mask (methods/alps.py)
+    alps_rho: float = Alps.rho
 
     def __post_init__(self):
         if not (isinstance(self.rounds, int) and self.rounds >= 1):
@@ -206,10 +209,20 @@ class SparseLLM(SparseGPT):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise UserError(f"--{name} must be a finite positive number; got {value}")
-        if not (isinstance(self.refit_iterations, int) and self.refit_iterations >= 0):
-            raise UserError(f"refit iterations must be a whole number of at least 0; got {self.refit_iterations}")
+        for name in ("refit_iterations", "alps_iterations"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 0):
+                raise UserError(f"{name.replace('_', ' ')} must be a whole number of at least 0; got {value}")
+        self.reconstruction()  # checks alps_rho
         if not (isinstance(self.newton_steps, int) and self.newton_steps >= 0):
             raise UserError(f"newton_steps must be a whole number of at least 0; got {self.newton_steps}")
+
+    def reconstruction(self) -> Refit | Alps | None:
+        """What re-solves each W-step's sparse fit after SparseGPT has chosen its zeros, if anything."""
+        pcg = Refit(self.refit_iterations or Refit.iterations, self.percdamp)
+        if self.alps_iterations:
+            return Alps(self.alps_iterations, self.alps_rho, self.percdamp, pcg)
+        return pcg if self.refit_iterations else None
 
     def prune_mlp(self, mlp: MLP, x: torch.Tensor, target: Target, alloc: Alloc = in_ram) -> MLPResult:
         """Prune the MLP's linears in place on inputs x [N, d]; return the per-round log. The auxiliaries (Z, S,
@@ -283,8 +296,9 @@ class _Solver:
         dense = self.dense[name]
         w_star = dense if t_a is None else least_squares(t_a, hessian, factor.U, dense)
         pruned = self.m.prune_factored(w_star, factor, self.target)
-        if self.m.refit_iterations:  # SparseGPT's sweep leaves the masked least squares unsolved
-            pruned = Refit(self.m.refit_iterations, self.m.percdamp)(w_star, pruned, hessian)
+        refit = self.m.reconstruction()
+        if refit is not None:  # SparseGPT's sweep leaves the masked least squares unsolved, its mask unrevised
+            pruned = refit(w_star, pruned, hessian, self.target)
         self._linears()[name].weight.data.copy_(pruned)
 
     def w_steps(self, first: bool) -> None:
