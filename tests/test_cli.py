@@ -88,6 +88,7 @@ BAD = {
     "unknown zero-shot task": (["--sparsity", "0.5", "--tasks", "mmlu"], "unknown zero-shot task 'mmlu'"),
     "unknown precision": (["--sparsity", "0.5", "--precision", "fp16"], "unknown --precision 'fp16'"),
     "zero-shot limit 0": (["--sparsity", "0.5", "--tasks", "rte", "--limit", "0"], "--limit must be at least 1"),
+    "alps rho 0": (["--sparsity", "0.5", "--refit", "alps", "--alps-rho", "0"], "initial rho must be in (0, 1e6)"),
     "missing hellaswag file": (
         ["--sparsity", "0.5", "--tasks", "hellaswag", "--hellaswag-file", "{tmp}/none.jsonl"],
         "--hellaswag-file",

@@ -10,9 +10,9 @@ a sparse D held equal by a penalty rho and the dual U:
     U <- U + rho (B - D)
 rho grows while the support still changes (by 1.3x, 1.2x, 1.1x as the change is large, small, a few weights);
 the loop ends when the support stops moving or after `iterations`. The mask is that of the last D; the PCG refit
-then solves its kept weights. The whole matrix's calibration error is compared with the method's: the mask-moving
-result is kept only where it is lower, else the method's mask is refit as `--refit pcg` would, so the zero count
-stays exact and the error never ends above the plain refit's starting point.
+then solves its kept weights. That result is kept only if the whole matrix's calibration error is below the
+fixed-mask refit's (`--refit pcg` on the method's mask), else that one is: the zero count stays exact either way,
+and the error is never above what `--refit pcg` gives.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ class Alps:
     def __post_init__(self):
         if not (isinstance(self.iterations, int) and self.iterations > 0):
             raise UserError(f"ALPS iterations must be a positive integer; got {self.iterations}")
-        if not (0.0 < self.rho < 1e6):
+        if not (0.0 < self.rho < 1e6):  # also refuses NaN
             raise UserError(f"ALPS's initial rho must be in (0, 1e6); got {self.rho}")
+        if not (0.0 <= self.damping < 1e3):
+            raise UserError(f"ALPS's damping must be in [0, 1000); got {self.damping}")
 
     def __call__(
         self, dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor, target: Target
