@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pcg: after each linear's mask is chosen, re-solve its kept weights to reproduce the dense outputs on "
         "the calibration inputs (conjugate gradients on the Hessian; any method; SparseLLM: its attention linears and "
         "each W-step's sparse fit of its MLP); alps: first let the mask move (ALPS's ADMM on the Hessian, the same "
-        "zero count), kept where it lowers the calibration error (SparseLLM: its attention linears; W-steps as pcg)",
+        "zero count), kept where it lowers the calibration error (SparseLLM: the same linears as pcg)",
     )
     p.add_argument("--refit-iterations", type=_positive_int, help="conjugate-gradient iterations (default 10)")
     p.add_argument("--alps-iterations", type=_positive_int, help="alps: most ADMM iterations (default 30)")
