@@ -100,6 +100,43 @@ def test_the_checkpoint_is_written_when_its_interval_has_passed_and_after_the_la
         assert all(torch.equal(pruned[k].weight, restored[k].weight) for k in pruned)
 
 
+def test_a_run_with_allocation_and_alps_resumes_to_the_identical_model(tmp_path, monkeypatch):
+    """Stopped after layer 0's checkpoint, then resumed: the per-layer targets (computed before layer 0, from the
+    dense model) and ALPS's masks are those of the run that never stopped, to the bit."""
+    from sparsellm.engine import checkpoint as ckpt
+    from sparsellm.methods.allocation import Allocation
+    from sparsellm.methods.alps import Alps
+
+    opts = EngineOptions(refit=Alps(iterations=10), allocation=Allocation("owl", spread=0.1))
+    calib = torch.randint(0, 100, (4, 32))
+
+    def prune(model, checkpoint=None):
+        adapter = adapter_for(model)
+        logs = prune_model(
+            model, adapter, make_method("sparsegpt"), Target(0.6), calib, {0, 1}, opts, False, checkpoint
+        )
+        return model, logs
+
+    whole, logs = prune(tiny_model("llama"))
+    real = ckpt.write_atomic
+
+    def stop_after_layer_0(path, write):
+        real(path, write)
+        if path.name == "state.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "write_atomic", stop_after_layer_0)
+    with pytest.raises(KeyboardInterrupt):
+        prune(tiny_model("llama"), Checkpoint(tmp_path, {"run": 1}, 0.0))
+    written = []
+    monkeypatch.setattr(ckpt, "write_atomic", lambda path, write: written.append(path.name) or real(path, write))
+    resumed, resumed_logs = prune(tiny_model("llama"), Checkpoint(tmp_path, {"run": 1}, 0.0))
+    assert written == ["layer_0001.safetensors", "state.pt"]  # layer 0 came from the checkpoint
+    assert [log.target for log in resumed_logs] == [log.target for log in logs] and logs[0].target != logs[1].target
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_checkpoint_write_that_fails_leaves_no_partial_file(tmp_path):
     from sparsellm.core.files import write_atomic
 
