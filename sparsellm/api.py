@@ -117,7 +117,7 @@ class PruneConfig:
     refit_iterations: int = Refit.iterations
     alps_iterations: int = Alps.iterations
     alps_rho: float = Alps.rho
-    allocation: str = "uniform"  # per-layer sparsities: uniform, owl or alpha (methods/allocation.py)
+    allocation: str = "uniform"  # per-layer sparsities: uniform, owl, dlp or alpha (methods/allocation.py)
     owl_lambda: float | None = None  # the allocation's spread: targets within target +- this (None: the method's)
     owl_m: float = Allocation.owl_m
 

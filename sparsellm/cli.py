@@ -121,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alps-rho", type=float, help="alps: the ADMM penalty it starts from (default 0.1)")
     p.add_argument(
         "--allocation",
-        choices=("uniform", "owl", "alpha"),
+        choices=("uniform", "owl", "dlp", "alpha"),
         default="uniform",
         help="per-layer sparsities (--sparsity only): owl prunes layers with more activation outliers less (one "
-        "dense pass); alpha prunes layers with heavier-tailed weight spectra less (AlphaPruning, data-free)",
+        "dense pass); dlp prunes layers with a higher median Wanda score more (the same pass); alpha prunes layers "
+        "with heavier-tailed weight spectra less (AlphaPruning, data-free)",
     )
     p.add_argument(
         "--owl-lambda",

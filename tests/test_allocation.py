@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sparsellm import PruneConfig, UserError, prune
-from sparsellm.methods.allocation import Allocation, hill_alpha, outlier_fraction
+from sparsellm.methods.allocation import Allocation, hill_alpha, median_score, outlier_fraction
 
 
 def owl_reference(ratios, target, lam):
@@ -26,6 +26,30 @@ def test_owl_gives_the_published_formulas_sparsities():
     ours = Allocation("owl", 0.08).sparsities([-r for r in ratios], [100] * 6, 0.7)
     assert np.allclose(ours, owl_reference(ratios, 0.7, 0.08), atol=1e-12)
     assert min(ours) == ours[1] and max(ours) == ours[2]  # most outliers: pruned least
+
+
+def dlp_reference(medians, target, alpha):
+    """DLP's own arithmetic: importance 1 - median / sum of medians, min-max scaled to [0, 2 alpha], centred on the
+    density 1 - target; sparsity = 1 - density."""
+    m = np.array(medians)
+    importance = 1 - m / m.sum()
+    scaled = (importance - importance.min()) / (importance.max() - importance.min()) * alpha * 2
+    return 1 - (scaled - scaled.mean() + (1 - target))
+
+
+def test_dlp_gives_the_published_formulas_sparsities():
+    medians = [0.31, 0.12, 0.45, 0.27, 0.19]
+    ours = Allocation("dlp", 0.15).sparsities(medians, [100] * 5, 0.7)
+    assert np.allclose(ours, dlp_reference(medians, 0.7, 0.15), atol=1e-12)
+    assert min(ours) == ours[1] and max(ours) == ours[2]  # the highest median: pruned most
+
+
+def test_the_median_score_is_over_the_whole_layer():
+    w1, w2 = torch.ones(2, 3), torch.full((2, 2), 10.0)
+    # scores: six 1s and four 10s; with ||X_j|| = 2 the first linear's become 2s: the median moves with X too
+    assert median_score([(w1, torch.ones(3)), (w2, torch.ones(2))]) == 1.0
+    assert median_score([(w1, torch.full((3,), 4.0)), (w2, torch.ones(2))]) == 2.0
+    assert median_score([(w1, torch.ones(3)), (torch.full((4, 2), 10.0), torch.ones(2))]) == 10.0
 
 
 def test_unequal_layers_average_to_the_target_by_parameters():
@@ -62,7 +86,7 @@ def test_bad_allocations_are_refused_in_one_line():
         Allocation("owl", 0.4).sparsities([0.0, 1.0], [1, 1], 0.9)
 
 
-@pytest.mark.parametrize("rule", ["owl", "alpha"])
+@pytest.mark.parametrize("rule", ["owl", "dlp", "alpha"])
 def test_the_overall_sparsity_is_exact_and_layers_differ(rule, tiny_folder):
     from sparsellm.models import loading
 

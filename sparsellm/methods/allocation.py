@@ -8,6 +8,9 @@ rounding to whole weights.
 - owl (Yin et al., ICML 2024): score = minus the layer's outlier fraction, the share of its weights whose Wanda
   score |W_ij| * ||X_j|| exceeds `owl_m` times the mean score over the layer: layers with many outliers keep
   more. `spread` is OWL's lambda. Needs the dense model's input norms of every linear (one calibration pass).
+- dlp (Chen et al., ICML 2025): score = the median Wanda score |W_ij| * ||X_j|| over the layer's weights: a
+  layer whose typical weight matters more is, by DLP's finding, the less important one and is pruned more.
+  `spread` is DLP's alpha. Needs the same calibration pass as owl.
 - alpha (AlphaPruning, Lu et al., NeurIPS 2024): score = the layer's mean heavy-tail exponent of the eigenvalue
   spectrum of W^T W (Hill estimator over its upper half): a heavier tail (lower alpha) marks a better-trained
   layer, which keeps more. Data-free.
@@ -23,7 +26,7 @@ import torch
 from ..core.errors import UserError
 from .base import Target
 
-RULES = ("uniform", "owl", "alpha")
+RULES = ("uniform", "owl", "dlp", "alpha")
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class Allocation:
 
     @property
     def needs_data(self) -> bool:
-        return self.rule == "owl"
+        return self.rule in ("owl", "dlp")
 
     def sparsities(self, scores: list[float], sizes: list[int], target: float) -> list[float]:
         """Each layer's sparsity from its score (low score: pruned less) and its parameter count."""
@@ -69,6 +72,13 @@ def outlier_fraction(linears: list[tuple[torch.Tensor, torch.Tensor]], m: float)
     total = sum(s.numel() for s in scores)
     mean = sum(float(s.sum()) for s in scores) / total
     return sum(int((s > m * mean).sum()) for s in scores) / total
+
+
+def median_score(linears: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """DLP's layer score from (weight, input mean square) of each of a layer's linears: the median of the layer's
+    Wanda scores, all its linears' together."""
+    scores = [(w.float().abs() * sqnorm.float().sqrt().unsqueeze(0)).flatten() for w, sqnorm in linears]
+    return float(torch.cat(scores).median())
 
 
 def hill_alpha(weight: torch.Tensor) -> float:
