@@ -5,8 +5,9 @@
 The calibration set is a prune's (c4, 32 x 512 under the quick protocol, seed 0), in the precision a prune
 would choose. The forward pass is the engine's: every decoder layer applied to the layer-0 inputs in turn.
 Each rule's time is `engine.allocate.layer_targets`, the whole of what `--allocation` adds to a prune (owl:
-that same layer-by-layer pass with its input norms recorded, then the outlier ratios; alpha: the singular
-values of every pruned matrix, no data). The fastest of `--repeats` runs of each is reported.
+that same layer-by-layer pass with its input norms recorded, then the outlier ratios; dlp: the same pass, then
+the median Wanda score of each layer; alpha: the singular values of every pruned matrix, no data). The fastest
+of `--repeats` runs of each is reported.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def main() -> None:
                 x = run_layer(layer, x, kwargs, batch)
 
         rows = [("one forward pass of the calibration set", min(seconds(forward, args.repeats)))]
-        for rule in ("owl", "alpha"):
+        for rule in ("owl", "dlp", "alpha"):
             allocate = lambda rule=rule: layer_targets(  # noqa: E731
                 model, adapter, Allocation(rule), target, inputs, layers, batch, in_ram, LayerIO()
             )

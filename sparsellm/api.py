@@ -136,12 +136,15 @@ class PruneConfig:
         self.allocator().check(self.target())
 
     def allocator(self) -> Allocation:
-        """The allocation rule; without --owl-lambda, owl takes the method's own spread (chosen on held-out text)."""
-        method = METHODS.get(self.method)
+        """The allocation rule. Without --owl-lambda: the method's own spread for the rule (chosen on held-out text
+        at 70%), at most 0.8 (1 - target), so that at high targets no layer's share reaches 100% (90%: 0.08)."""
         spread = self.owl_lambda
-        if spread is None and self.allocation == "owl" and method is not None:
-            spread = method.owl_lambda
-        return Allocation(self.allocation, Allocation.spread if spread is None else spread, self.owl_m)
+        if spread is None:
+            method = METHODS.get(self.method)
+            spread = method.spreads.get(self.allocation, Allocation.spread) if method else Allocation.spread
+            if self.sparsity is not None and 0 <= self.sparsity < 1:
+                spread = min(spread, 0.8 * (1 - self.sparsity))
+        return Allocation(self.allocation, spread, self.owl_m)
 
     def resolved(self) -> dict:
         """The settings as they run: the fields, with the spread a default resolved to (report and resume)."""

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--owl-lambda",
         type=float,
-        help="layer targets within target +- this (default: owl with sparsegpt or sparsellm 0.2, else 0.08)",
+        help="the allocation's spread, OWL's lambda or DLP's alpha: layer targets within target +- this (default: "
+        "the method's, chosen on C4 validation: owl 0.2 with sparsegpt or sparsellm, dlp 0.15 with wanda; else 0.08)",
     )
     p.add_argument("--owl-m", type=float, help="owl: an outlier's score exceeds M x the layer mean (default 5)")
     s = p.add_argument_group("SparseLLM (--method sparsellm)")

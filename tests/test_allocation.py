@@ -50,6 +50,13 @@ def test_the_median_score_is_over_the_whole_layer():
     assert median_score([(w1, torch.ones(3)), (w2, torch.ones(2))]) == 1.0
     assert median_score([(w1, torch.full((3,), 4.0)), (w2, torch.ones(2))]) == 2.0
     assert median_score([(w1, torch.ones(3)), (torch.full((4, 2), 10.0), torch.ones(2))]) == 10.0
+    g = torch.Generator().manual_seed(0)
+    pairs = [
+        (torch.randn(6, 5, generator=g), torch.rand(5, generator=g)),
+        (torch.randn(4, 3, generator=g), torch.rand(3, generator=g)),
+    ]
+    everything = torch.cat([(w.abs() * x.sqrt()).flatten() for w, x in pairs])
+    assert median_score(pairs) == float(everything.median())  # an even count: the lower middle value
 
 
 def test_unequal_layers_average_to_the_target_by_parameters():
@@ -117,4 +124,8 @@ def test_streamed_allocation_equals_the_in_memory_one(tiny_folder, tmp_path):
     targets = [lg["target"] for lg in memory["layers"]]  # no --owl-lambda: Wanda's own spread ran and is reported
     assert memory["config"]["owl_lambda"] == 0.08 and max(targets) - min(targets) == pytest.approx(0.16)
     assert PruneConfig(method="sparsellm", sparsity=0.7, allocation="owl").allocator().spread == 0.2
+    assert PruneConfig(method="wanda", sparsity=0.7, allocation="dlp").allocator().spread == 0.15
+    assert PruneConfig(method="magnitude", sparsity=0.7, allocation="dlp").allocator().spread == 0.08
+    capped = PruneConfig(method="wanda", sparsity=0.9, allocation="dlp").allocator().spread  # no layer at 100%
+    assert capped == pytest.approx(0.08) and PruneConfig(sparsity=0.9, owl_lambda=0.3).allocator().spread == 0.3
     assert memory["sparsity"]["per_matrix"] == streamed["sparsity"]["per_matrix"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..core.errors import UserError
@@ -77,8 +78,9 @@ def outlier_fraction(linears: list[tuple[torch.Tensor, torch.Tensor]], m: float)
 def median_score(linears: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """DLP's layer score from (weight, input mean square) of each of a layer's linears: the median of the layer's
     Wanda scores, all its linears' together."""
-    scores = [(w.float().abs() * sqnorm.float().sqrt().unsqueeze(0)).flatten() for w, sqnorm in linears]
-    return float(torch.cat(scores).median())
+    scores = torch.cat([(w.float().abs() * sqnorm.float().sqrt().unsqueeze(0)).flatten() for w, sqnorm in linears])
+    k = (scores.numel() - 1) // 2  # the lower middle value, as torch.median gives it
+    return float(np.partition(scores.cpu().numpy(), k)[k])  # numpy's selection: 2x torch.median's speed here
 
 
 def hill_alpha(weight: torch.Tensor) -> float:

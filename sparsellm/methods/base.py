@@ -133,7 +133,9 @@ class Method:
     statistic: ClassVar[str | None] = None  # "hessian", "sqnorm" or None
     joint_mlp: ClassVar[bool] = False
     dense_attention_input: ClassVar[bool] = False
-    owl_lambda: ClassVar[float | None] = None  # OWL's spread when none is given (None: Allocation's, OWL's own)
+    # Each allocation rule's spread (OWL's lambda, DLP's alpha) when none is given, as held-out text chose it for
+    # this method; a rule not listed takes Allocation's (OWL's published 0.08).
+    spreads: ClassVar[dict[str, float]] = {}
 
     def prune(self, weight: torch.Tensor, stat: torch.Tensor | None, target: Target) -> Pruned:
         raise NotImplementedError
