@@ -8,7 +8,7 @@ from torch import nn
 
 from ..core.memory import Alloc
 from ..core.types import LayerIO
-from ..methods.allocation import Allocation, hill_alpha, median_score, outlier_fraction
+from ..methods.allocation import Allocation, hill_alpha
 from ..methods.base import Target
 from ..models.adapters import Adapter, submodule
 from ..models.layers import LayerInputs, run_layer
@@ -60,8 +60,7 @@ def _scores(model, adapter, allocation, inputs, layers, batch_size, alloc, io) -
             if i in layers:
                 pairs = [(submodule(layer, p).weight, stats[site.name].mean()) for site in adapter.sites
                          for p in site.linears]  # fmt: skip
-                owl = allocation.rule == "owl"
-                scores[i] = -outlier_fraction(pairs, allocation.owl_m) if owl else median_score(pairs)
+                scores[i] = allocation.data_score(pairs)
             x, out = out, x
         elif i in layers:
             scores[i] = sum(hill_alpha(linear.weight) for linear in linears.values()) / len(linears)

@@ -52,6 +52,11 @@ class Allocation:
     def needs_data(self) -> bool:
         return self.rule in ("owl", "dlp")
 
+    def data_score(self, linears: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """A layer's score (low: pruned less) from (weight, input mean square) of its linears, for a rule that
+        `needs_data`."""
+        return -outlier_fraction(linears, self.owl_m) if self.rule == "owl" else median_score(linears)
+
     def sparsities(self, scores: list[float], sizes: list[int], target: float) -> list[float]:
         """Each layer's sparsity from its score (low score: pruned less) and its parameter count."""
         if self.rule == "uniform" or len(scores) < 2 or max(scores) == min(scores):
@@ -66,10 +71,15 @@ class Allocation:
         return result
 
 
+def wanda_scores(linears: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """|W_ij| * ||X_j|| of each (weight, input mean square) pair, in fp32: what owl and dlp score a layer by."""
+    return [w.float().abs() * sqnorm.float().sqrt().unsqueeze(0) for w, sqnorm in linears]
+
+
 def outlier_fraction(linears: list[tuple[torch.Tensor, torch.Tensor]], m: float) -> float:
     """OWL's layer outlier ratio from (weight, input mean square) of each of a layer's linears: the share of the
     layer's Wanda scores above m times their mean over the whole layer (as OWL's code measures it)."""
-    scores = [w.float().abs() * sqnorm.float().sqrt().unsqueeze(0) for w, sqnorm in linears]
+    scores = wanda_scores(linears)
     total = sum(s.numel() for s in scores)
     mean = sum(float(s.sum()) for s in scores) / total
     return sum(int((s > m * mean).sum()) for s in scores) / total
@@ -78,7 +88,7 @@ def outlier_fraction(linears: list[tuple[torch.Tensor, torch.Tensor]], m: float)
 def median_score(linears: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """DLP's layer score from (weight, input mean square) of each of a layer's linears: the median of the layer's
     Wanda scores, all its linears' together."""
-    scores = torch.cat([(w.float().abs() * sqnorm.float().sqrt().unsqueeze(0)).flatten() for w, sqnorm in linears])
+    scores = torch.cat([s.flatten() for s in wanda_scores(linears)])
     k = (scores.numel() - 1) // 2  # the lower middle value, as torch.median gives it
     return float(np.partition(scores.cpu().numpy(), k)[k])  # numpy's selection: 2x torch.median's speed here
 
