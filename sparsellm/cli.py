@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alps-iterations", type=_positive_int, help="alps: most ADMM iterations (default 30)")
     p.add_argument("--alps-rho", type=float, help="alps: the ADMM penalty it starts from (default 0.1)")
     p.add_argument(
+        "--alps-rounds",
+        type=_positive_int,
+        help="sparsellm with alps: ALPS in the last K rounds' W-steps only, PCG in the earlier (default: every round)",
+    )
+    p.add_argument(
         "--allocation",
         choices=("uniform", "owl", "dlp", "alpha"),
         default="uniform",
@@ -266,12 +271,14 @@ def _bytes(text: str) -> int:
 
 def _method_options(args) -> dict:
     """SparseLLM's options as given (the method validates their values, for the API and the CLI alike)."""
-    options = {k: getattr(args, k) for k in ("rounds", "alpha", "beta", "gamma") if getattr(args, k) is not None}
+    names = ("rounds", "alpha", "beta", "gamma", "alps_rounds")
+    options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.dense_attention_input:
         options["dense_attention_input"] = True
     if options and args.method != "sparsellm":
         raise UserError(
-            "--rounds, --alpha, --beta, --gamma and --dense-attention-input apply to --method sparsellm only"
+            "--rounds, --alpha, --beta, --gamma, --alps-rounds and --dense-attention-input apply to --method sparsellm "
+            "only"
         )
     return options
 

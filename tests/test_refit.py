@@ -83,6 +83,10 @@ def test_the_refit_refuses_bad_settings():
             Alps(**bad)
     with pytest.raises(UserError, match="unknown refit"):
         PruneConfig(sparsity=0.5, refit="admm2").validate()
+    with pytest.raises(UserError, match="needs --refit alps"):
+        PruneConfig(method="sparsellm", sparsity=0.5, refit="pcg", method_options={"alps_rounds": 1}).validate()
+    with pytest.raises(UserError, match="at least 1"):
+        PruneConfig(method="sparsellm", sparsity=0.5, refit="alps", method_options={"alps_rounds": 0}).validate()
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "sparsellm"])
@@ -161,7 +165,10 @@ def test_sparsellm_refits_each_w_step_on_a_real_mlp(smollm2):
     config = PruneConfig(method="sparsellm", sparsity=0.7, refit="pcg", refit_iterations=10)
     assert config.make_method().refit_iterations == 10
     alps = PruneConfig(method="sparsellm", sparsity=0.7, refit="alps", alps_iterations=20).make_method()
-    assert isinstance(alps.reconstruction(), Alps) and alps.reconstruction().iterations == 20
+    assert all(isinstance(alps.reconstruction(r), Alps) for r in range(3)) and alps.reconstruction(0).iterations == 20
+    last = PruneConfig(method="sparsellm", sparsity=0.7, refit="alps", method_options={"alps_rounds": 1})
+    kinds = [type(last.make_method().reconstruction(r)) for r in range(3)]
+    assert kinds == [Refit, Refit, Alps]  # the default 3 rounds: PCG, PCG, then ALPS
     errors, zeros = {}, {}
     methods = {"plain": make_method("sparsellm"), "refit": config.make_method(), "alps": alps}
     for name, method in methods.items():

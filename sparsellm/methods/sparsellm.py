@@ -201,6 +201,7 @@ class SparseLLM(SparseGPT):
     refit_iterations: int = 0  # > 0: each W-step's sparse fit re-solved on its kept weights (methods/refit.py)
     alps_iterations: int = 0  # > 0: each W-step's sparse fit may first move its mask (methods/alps.py)
     alps_rho: float = Alps.rho
+    alps_rounds: int | None = None  # ALPS in the last this many rounds' W-steps only, PCG before (None: every round)
 
     def __post_init__(self):
         if not (isinstance(self.rounds, int) and self.rounds >= 1):
@@ -213,14 +214,21 @@ class SparseLLM(SparseGPT):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 0):
                 raise UserError(f"{name.replace('_', ' ')} must be a whole number of at least 0; got {value}")
-        self.reconstruction()  # checks alps_rho
+        if not (self.alps_rounds is None or (isinstance(self.alps_rounds, int) and self.alps_rounds >= 1)):
+            raise UserError(f"--alps-rounds must be a whole number of at least 1; got {self.alps_rounds}")
+        if self.alps_rounds is not None and not self.alps_iterations:
+            raise UserError("--alps-rounds needs --refit alps")
+        self.reconstruction(0)  # checks alps_rho
         if not (isinstance(self.newton_steps, int) and self.newton_steps >= 0):
             raise UserError(f"newton_steps must be a whole number of at least 0; got {self.newton_steps}")
 
-    def reconstruction(self) -> Refit | Alps | None:
-        """What re-solves each W-step's sparse fit after SparseGPT has chosen its zeros, if anything."""
+    def reconstruction(self, round_index: int) -> Refit | Alps | None:
+        """What re-solves round `round_index`'s W-step sparse fits after SparseGPT has chosen their zeros, if
+        anything. Each round re-prunes from its own least-squares weights, so ALPS's moved mask lasts only if its
+        round is the one kept: the earlier rounds may take the cheap PCG refit (`alps_rounds`)."""
         pcg = Refit(self.refit_iterations or Refit.iterations, self.percdamp)
-        if self.alps_iterations:
+        alps_here = self.alps_rounds is None or round_index >= self.rounds - self.alps_rounds
+        if self.alps_iterations and alps_here:
             return Alps(self.alps_iterations, self.alps_rho, self.percdamp, pcg)
         return pcg if self.refit_iterations else None
 
@@ -291,26 +299,27 @@ class _Solver:
         self.events += [e.on(f"mlp {inputs}") for e in factor.events]
         return factor
 
-    def _sparse_fit(self, name: str, t_a: torch.Tensor | None, hessian: torch.Tensor, factor: Factor):
-        """SparseGPT on the least-squares fit (t_a = T^T A / n); round 1 (None) fits the dense targets: Wdense."""
+    def _sparse_fit(self, name: str, t_a: torch.Tensor | None, hessian: torch.Tensor, factor: Factor, r: int):
+        """SparseGPT on the least-squares fit (t_a = T^T A / n) in round r; round 0 (None) fits the dense targets."""
         dense = self.dense[name]
         w_star = dense if t_a is None else least_squares(t_a, hessian, factor.U, dense)
         pruned = self.m.prune_factored(w_star, factor, self.target)
-        refit = self.m.reconstruction()
+        refit = self.m.reconstruction(r)
         if refit is not None:  # SparseGPT's sweep leaves the masked least squares unsolved, its mask unrevised
             pruned = refit(w_star, pruned, hessian, self.target)
         self._linears()[name].weight.data.copy_(pruned)
 
-    def w_steps(self, first: bool) -> None:
+    def w_steps(self, r: int) -> None:
+        first = r == 0
         up_fit = None if first else cross(self.z, self.x, self.n)
         if up_fit is not None and self.b1 is not None:
             up_fit -= torch.outer(self.b1, self.x_mean)
-        self._sparse_fit("up", up_fit, self.hx, self.hx_factor)
+        self._sparse_fit("up", up_fit, self.hx, self.hx_factor, r)
         if self.gated:
-            self._sparse_fit("gate", None if first else cross(self.s, self.x, self.n), self.hx, self.hx_factor)
+            self._sparse_fit("gate", None if first else cross(self.s, self.x, self.n), self.hx, self.hx_factor, r)
         hp = self.p_stats.gram / self.n
         down_fit = None if first else self.p_stats.cross() / self.n
-        self._sparse_fit("down", down_fit, hp, self._factor("down input", hp))
+        self._sparse_fit("down", down_fit, hp, self._factor("down input", hp), r)
 
     def sweep(self, last: bool) -> tuple[float, float, float]:
         """One pass over the tokens with the W-steps' weights: (real MLP output error ||Y - mlp(X)||^2 / ||Y||^2,
@@ -406,7 +415,7 @@ class _Solver:
         """
         curve, errors, token_errors, best = [], [], [], None
         for r in range(self.m.rounds):
-            self.w_steps(first=r == 0)
+            self.w_steps(r)
             error, token_error, objective = self.sweep(last=r + 1 == self.m.rounds)
             errors.append(error)
             token_errors.append(token_error)
