@@ -171,11 +171,13 @@ def test_sparsellm_refits_each_w_step_on_a_real_mlp(smollm2):
     assert kinds == [Refit, Refit, Alps]  # the default 3 rounds: PCG, PCG, then ALPS
     errors, zeros = {}, {}
     methods = {"plain": make_method("sparsellm"), "refit": config.make_method(), "alps": alps}
+    methods["alps-last"] = make_method("sparsellm", refit_iterations=10, alps_iterations=20, alps_rounds=1)
     for name, method in methods.items():
         mlp = adapter.mlp(copy.deepcopy(layer))
         errors[name] = method.prune_mlp(mlp, x, Target(0.7)).rounds["output_error"]
         zeros[name] = [int((lin.weight == 0).sum()) for lin in (mlp.up, mlp.gate, mlp.down)]
     print(errors)
-    for name in ("refit", "alps"):
+    for name in ("refit", "alps", "alps-last"):
         assert all(r < p for r, p in zip(errors[name], errors["plain"], strict=True)), errors
-    assert zeros["alps"] == zeros["refit"] == zeros["plain"] == [round(0.7 * 576 * 1536)] * 3
+    assert errors["alps-last"][:2] == errors["refit"][:2]  # PCG alone until the last round
+    assert zeros["alps-last"] == zeros["alps"] == zeros["refit"] == zeros["plain"] == [round(0.7 * 576 * 1536)] * 3
