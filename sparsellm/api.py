@@ -108,7 +108,7 @@ class PruneConfig:
     layers: str = "all"
     true_sequential: bool = False
     batch_size: int = 8
-    method_options: dict = field(default_factory=dict)  # SparseLLM: rounds, alpha, beta, gamma, dense_attention_input
+    method_options: dict = field(default_factory=dict)  # SparseLLM: rounds, alpha, beta, gamma, alps_rounds, ...
     max_memory: int | None = None  # bytes of RAM for per-token tensors (default: half the RAM); beyond: disk
     offload_dir: str | None = None  # where offloaded tensors go (default: the temporary folder)
     precision: str = "auto"  # matrix products: bf16 (fp32 sums and solves) where the hardware has it, else fp32
