@@ -225,7 +225,8 @@ class SparseLLM(SparseGPT):
     def reconstruction(self, round_index: int) -> Refit | Alps | None:
         """What re-solves round `round_index`'s W-step sparse fits after SparseGPT has chosen their zeros, if
         anything. Each round re-prunes from its own least-squares weights, so ALPS's moved mask lasts only if its
-        round is the one kept: the earlier rounds may take the cheap PCG refit (`alps_rounds`)."""
+        round is the one kept; yet it pays in every round (`alps_rounds` 1 at 70%: about 0.6x the prune time, 1.10x
+        the C4 validation perplexity), hence the default."""
         pcg = Refit(self.refit_iterations or Refit.iterations, self.percdamp)
         alps_here = self.alps_rounds is None or round_index >= self.rounds - self.alps_rounds
         if self.alps_iterations and alps_here:
