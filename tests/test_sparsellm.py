@@ -270,8 +270,8 @@ def test_logged_objective_equals_its_direct_formula(kind):
     hidden = lambda: mlp.act(solver.s) * solver.z if kind == "gated" else mlp.act(solver.z)  # noqa: E731
     p = hidden()  # P = h(Z, S) until the first p-step
     p_steps = recording_p(solver)
-    for first in (True, False):
-        solver.w_steps(first=first)
+    for r in (0, 1):
+        solver.w_steps(r)
         wu, wd = mlp.up.weight.data, mlp.down.weight.data
         direct = solver.a_z * (solver.z - torch.nn.functional.linear(X, wu, solver.b1)).pow(2).sum()
         direct += solver.g * (p - hidden()).pow(2).sum()
@@ -297,11 +297,11 @@ def test_p_step_is_the_exact_minimiser(kind):
         lhs = b * wd.T @ wd + g * torch.eye(wd.shape[1], dtype=torch.float64)
         return torch.linalg.solve(lhs, (b * solver.y_target.double() @ wd + g * h).T).T
 
-    solver.w_steps(first=True)
+    solver.w_steps(0)
     expected = direct()
     solver.sweep(last=False)  # the first p-step: P = h(Z, S)
     assert (p.double() - expected).norm() / expected.norm() < 1e-4  # fp32, condition number ~130: ~1e-5
-    solver.w_steps(first=False)
+    solver.w_steps(1)
     noise = torch.randn(solver.z.shape, generator=torch.Generator().manual_seed(4))
     solver.z += 0.1 * noise  # a later one: h(Z, S) far from P
     expected = direct()
