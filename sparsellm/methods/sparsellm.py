@@ -300,27 +300,28 @@ class _Solver:
         self.events += [e.on(f"mlp {inputs}") for e in factor.events]
         return factor
 
-    def _sparse_fit(self, name: str, t_a: torch.Tensor | None, hessian: torch.Tensor, factor: Factor, r: int):
-        """SparseGPT on the least-squares fit (t_a = T^T A / n) in round r; round 0 (None) fits the dense targets."""
+    def _sparse_fit(
+        self, name: str, t_a: torch.Tensor | None, hessian: torch.Tensor, factor: Factor, refit: Refit | Alps | None
+    ):
+        """SparseGPT on the least-squares fit (t_a = T^T A / n), then `refit`; round 0 (None) fits the dense targets."""
         dense = self.dense[name]
         w_star = dense if t_a is None else least_squares(t_a, hessian, factor.U, dense)
         pruned = self.m.prune_factored(w_star, factor, self.target)
-        refit = self.m.reconstruction(r)
         if refit is not None:  # SparseGPT's sweep leaves the masked least squares unsolved, its mask unrevised
             pruned = refit(w_star, pruned, hessian, self.target)
         self._linears()[name].weight.data.copy_(pruned)
 
     def w_steps(self, r: int) -> None:
-        first = r == 0
+        first, refit = r == 0, self.m.reconstruction(r)
         up_fit = None if first else cross(self.z, self.x, self.n)
         if up_fit is not None and self.b1 is not None:
             up_fit -= torch.outer(self.b1, self.x_mean)
-        self._sparse_fit("up", up_fit, self.hx, self.hx_factor, r)
+        self._sparse_fit("up", up_fit, self.hx, self.hx_factor, refit)
         if self.gated:
-            self._sparse_fit("gate", None if first else cross(self.s, self.x, self.n), self.hx, self.hx_factor, r)
+            self._sparse_fit("gate", None if first else cross(self.s, self.x, self.n), self.hx, self.hx_factor, refit)
         hp = self.p_stats.gram / self.n
         down_fit = None if first else self.p_stats.cross() / self.n
-        self._sparse_fit("down", down_fit, hp, self._factor("down input", hp), r)
+        self._sparse_fit("down", down_fit, hp, self._factor("down input", hp), refit)
 
     def sweep(self, last: bool) -> tuple[float, float, float]:
         """One pass over the tokens with the W-steps' weights: (real MLP output error ||Y - mlp(X)||^2 / ||Y||^2,
