@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from ..core.errors import UserError, reading
 from ..core.files import sha256_file
+from ..core.memory import zeros_for_filling
 
 FORMAT = "sparsellm-compressed-1"
 SUFFIX = ".sparse.safetensors"
@@ -166,7 +167,7 @@ def _decode_bitmask(packed: torch.Tensor, values: torch.Tensor, shape: tuple, na
     bits = unpack_bits(packed)
     _expect(values.numel() == np.count_nonzero(bits), name)  # a set padding bit gives a count that differs
     mask = torch.from_numpy(bits).view(torch.bool)[..., : shape[-1]]  # 0/1 bytes are valid booleans
-    return torch.zeros(shape, dtype=values.dtype).masked_scatter_(mask, values)
+    return zeros_for_filling(shape, values.dtype).masked_scatter_(mask, values)
 
 
 def _decode_nm(packed: torch.Tensor, values: torch.Tensor, shape: tuple, n: int, m: int, name: str) -> torch.Tensor:
@@ -176,7 +177,7 @@ def _decode_nm(packed: torch.Tensor, values: torch.Tensor, shape: tuple, n: int,
     codes = _unpack_codes(packed, groups, width)
     _expect(int(codes.max()) < len(positions) and values.numel() == groups * (m - n), name)
     kept = _kept_masks(m, m - n).index_select(0, codes).view(shape)  # booleans: 1.2x faster than scattering indices
-    return torch.zeros(shape, dtype=values.dtype).masked_scatter_(kept, values)
+    return zeros_for_filling(shape, values.dtype).masked_scatter_(kept, values)
 
 
 PARTS = {"dense": ("",), "bitmask": ("bitmask", "values"), "nm": ("codes", "values")}
