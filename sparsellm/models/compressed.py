@@ -76,13 +76,6 @@ def _patterns(m: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, code_of
 
 
-@functools.cache
-def _kept_masks(m: int, keep: int) -> torch.Tensor:
-    """Booleans [C, m]: row c marks the positions pattern c keeps."""
-    positions = _patterns(m, keep)[0]
-    return torch.zeros(len(positions), m, dtype=torch.bool).scatter_(1, positions, True)
-
-
 def _unpack_codes(packed: torch.Tensor, count: int, width: int) -> torch.Tensor:
     """`count` integers of `width` <= 16 bits, as pack_bits stored their bits. Eight of them fill exactly `width`
     bytes, and each spans at most three: read a column of rows at a time (12x the bit-by-bit unpacking)."""
@@ -176,8 +169,11 @@ def _decode_nm(packed: torch.Tensor, values: torch.Tensor, shape: tuple, n: int,
     _expect(packed.dtype == torch.uint8 and packed.numel() == -(-groups * width // 8), name)
     codes = _unpack_codes(packed, groups, width)
     _expect(int(codes.max()) < len(positions) and values.numel() == groups * (m - n), name)
-    kept = _kept_masks(m, m - n).index_select(0, codes).view(shape)  # booleans: 1.2x faster than scattering indices
-    return zeros_for_filling(shape, values.dtype).masked_scatter_(kept, values)
+    # Each group's values go to the positions its code names: no running count through the matrix as a bitmask
+    # needs (2.5x faster than masked_scatter on SmolLM2's 1536 x 576, as fast on Qwen's 8960 x 1536).
+    out = zeros_for_filling(shape, values.dtype)
+    out.view(groups, m).scatter_(1, positions.index_select(0, codes), values.view(groups, m - n))
+    return out
 
 
 PARTS = {"dense": ("",), "bitmask": ("bitmask", "values"), "nm": ("codes", "values")}
