@@ -189,6 +189,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    code = commit()  # the code this process imported, whatever is checked out when it ends
     tokens = torch.randint(100, 40000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     dense_model, _ = load(args.model)
     dense_speed = speed(dense_model, tokens, args.new, args.repeats)
@@ -198,7 +199,7 @@ def main() -> None:
         f"`python bench/compressed.py --model {args.model} --method {args.method} --targets {args.targets} "
         f"--prompt {args.prompt} "
         f"--new {args.new} --repeats {args.repeats}`; {machine()}; torch {torch.__version__}; started {started}; "
-        f"commit {commit()}. Pruned by `--method {args.method}`, seed 0; fp32 weights."
+        f"commit {code}. Pruned by `--method {args.method}`, seed 0; fp32 weights."
     )
     text = header + "\n\n" + tables(rows, dense_speed)
     print(text)
