@@ -5,7 +5,7 @@ import torch
 
 from sparsellm.methods import Target, make_method
 from sparsellm.methods.base import mask_from_scores, prune_count, smallest
-from sparsellm.methods.sparsegpt import cholesky, group_smallest, inverse_cholesky
+from sparsellm.methods.sparsegpt import cholesky, damped_factors, group_smallest, hessian_factor, upper_inverse
 
 
 def problem(rows=64, cols=128, tokens=2048, seed=0):
@@ -148,7 +148,44 @@ def test_cholesky_refuses_a_non_finite_entry_off_the_diagonal(bad):
 
 def test_singular_hessian_raises_damping_and_says_so():
     H = torch.tensor([[1.0, 1.05], [1.05, 1.0]])  # eigenvalues 2.05 and -0.05: the base damping 0.01 fails
-    U, events = inverse_cholesky(H, percdamp=0.01)
+    (U, _), events = damped_factors(H, percdamp=0.01)
     assert len(events) == 1 and "raising damping" in events[0].detail and events[0].kind == "cholesky_damping_raised"
     expected = torch.linalg.cholesky(torch.linalg.inv(H + 0.1 * torch.eye(2)), upper=True)
     assert torch.allclose(U, expected, atol=1e-5)
+
+
+def test_upper_inverse_by_halves_equals_the_inverse():
+    r = torch.randn(300, 300, generator=torch.Generator().manual_seed(2)).triu() + 20 * torch.eye(300)
+    for leaf in (256, 16, 1):  # one split, several levels, down to 1 x 1
+        assert torch.allclose(upper_inverse(r, leaf).double(), torch.linalg.inv(r.double()), atol=1e-6)
+        assert torch.equal(upper_inverse(r, leaf).tril(-1), torch.zeros(300, 300))
+
+
+def test_u_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    """On a 600-input Hessian (the triangular inverse splits): U^T U = (H + damp I)^-1, U upper, as the fp64
+    Cholesky factor of the inverse."""
+    _, _, H = problem(rows=4, cols=600, tokens=2400)
+    (U, _), events = damped_factors(H, percdamp=0.01)
+    damped = H.double() + 0.01 * torch.diag(H).double().mean() * torch.eye(600, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    assert events == [] and torch.equal(U.tril(-1), torch.zeros(600, 600))
+    assert (U.double() - expected).norm() / expected.norm() < 1e-5
+
+
+@pytest.mark.parametrize("singular", [False, True])
+def test_factor_solves_with_the_damped_hessian(singular):
+    """Factor.solve gives R (H + damp I)^-1 (fp64 reference), the damping raised where H needs it, dead inputs
+    (H_jj = 0) taken as H_jj = 1; its U is the one SparseGPT gets without solves."""
+    _, X, H = problem(rows=8, cols=48, tokens=256)
+    H[5, :] = H[:, 5] = 0.0  # a dead input
+    if singular:
+        H[7, 9] = H[9, 7] = 1.5 * (H[7, 7] * H[9, 9]).sqrt()  # indefinite: the base damping fails
+    R = torch.randn(8, 48, generator=torch.Generator().manual_seed(1))
+    factor = hessian_factor(H, percdamp=0.01, solves=True)
+    raised = len(factor.events)
+    assert (raised > 0) == singular and torch.equal(factor.U, hessian_factor(H, percdamp=0.01).U)
+    damped = H.double().clone()
+    damped[5, 5] = 1.0
+    damped += 0.01 * 10**raised * torch.diag(damped).mean() * torch.eye(48, dtype=torch.float64)
+    reference = R.double() @ torch.linalg.inv(damped)
+    assert (factor.solve(R).double() - reference).norm() / reference.norm() < 1e-5

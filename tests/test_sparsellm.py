@@ -310,8 +310,8 @@ def test_p_step_is_the_exact_minimiser(kind):
 
 
 def test_p_statistics_give_the_down_fit_and_the_output_term_of_any_weight():
-    """From G = P^T P, A = R0^T P and ||R0||^2 (R0 = Y - P W0^T), summed over chunks of tokens: Y^T P, and
-    ||Y - P W^T||^2 for a W far from W0, as computed from P itself."""
+    """From G = P^T P, A = R0^T P and ||R0||^2 (R0 = Y - P W0^T), summed over chunks of tokens: (Y - P W^T)^T P
+    and ||Y - P W^T||^2 for W0 and for a W far from it, as computed from P itself."""
     g = torch.Generator().manual_seed(6)
     P, W0 = torch.randn(900, 40, generator=g), torch.randn(16, 40, generator=g)
     Y = P @ W0.T + 0.05 * torch.randn(900, 16, generator=g)  # W0 fits: R0 small, as after a p-step
@@ -324,8 +324,9 @@ def test_p_statistics_give_the_down_fit_and_the_output_term_of_any_weight():
     P64, Y64 = P.double(), Y.double()
     assert torch.equal(stats.gram, stats.gram.T)
     assert torch.allclose(stats.gram.double(), P64.T @ P64, rtol=1e-5, atol=1e-3)
-    assert torch.allclose(stats.cross().double(), Y64.T @ P64, rtol=1e-5, atol=1e-3)
     for w in (W0, W):
+        residual = Y64 - P64 @ w.double().T
+        assert torch.allclose(stats.residual_cross(w).double(), residual.T @ P64, rtol=1e-5, atol=1e-3)
         direct = (Y64 - P64 @ w.double().T).pow(2).sum().item()
         assert stats.output_term(w) == pytest.approx(direct, rel=1e-5)
 
@@ -340,8 +341,8 @@ def test_least_squares_is_the_ridge_fit_towards_the_dense_weights():
     A, T, W0 = (torch.randn(shape, generator=g) for shape in ((500, 24), (500, 16), (16, 24)))
     A[:, 0] *= 1e-3  # a direction the tokens barely determine: the ridge must leave it near W0
     H = gram(A)
-    factor = hessian_factor(H, percdamp=0.01)  # SparseGPT's: its damping is the ridge
-    W = least_squares(cross(T, A, 500), H, factor.U, W0)
+    factor = hessian_factor(H, percdamp=0.01, solves=True)  # SparseGPT's: its damping is the ridge
+    W = least_squares(cross(T, A, 500) - W0 @ H, factor, W0)
     lam = 0.01 * torch.diag(H).mean().item()
     eye = torch.eye(24, dtype=torch.float64)
     lhs = torch.cat([A.double() / 500**0.5, lam**0.5 * eye])

@@ -29,7 +29,6 @@ def with_damping(hessian: torch.Tensor, percdamp: float, factor) -> tuple[torch.
     Never falls back silently: every retry is returned as an event (logged, and counted in the report).
     """
     events: list[Event] = []
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     base = percdamp * max(torch.diag(hessian).mean().item(), 1e-12)
     for dtype in (torch.float32, torch.float64):
         if dtype == torch.float64:
@@ -38,13 +37,19 @@ def with_damping(hessian: torch.Tensor, percdamp: float, factor) -> tuple[torch.
         h = hessian.to(dtype)
         for step in range(MAX_DAMPING_STEPS):
             damp = base * 10**step
-            result = factor(h + damp * eye.to(dtype))
+            damped = h.clone()
+            damped.diagonal().add_(damp)  # = h + damp I, bit for bit, without two more passes over an n x n matrix
+            result = factor(damped)
             if result is not None:
-                return result.to(hessian.dtype), events
+                return _cast(result, hessian.dtype), events
             detail = f"cholesky failed at damping {damp:.3g} ({dtype}); raising damping"
             events.append(Event("cholesky_damping_raised", "", detail))
             log.warning(detail)
     raise UserError("a Hessian stays singular after raising damping 1e5x and using fp64; check the calibration data")
+
+
+def _cast(result, dtype: torch.dtype):
+    return tuple(t.to(dtype) for t in result) if isinstance(result, tuple) else result.to(dtype)
 
 
 def cholesky(h: torch.Tensor, upper: bool = False) -> torch.Tensor | None:
@@ -65,31 +70,61 @@ def group_smallest(scores: torch.Tensor, n: int, later: torch.Tensor) -> torch.T
     return torch.where(later, b <= a, b < a).sum(1) < n
 
 
-def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, list[Event]]:
-    """Upper Cholesky factor of (H + damp I)^-1, the factor SparseGPT's column updates use."""
+def upper_inverse(r: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+    """The inverse of an upper-triangular r, by halves: [[A, C], [0, B]]^-1 = [[A^-1, -A^-1 C B^-1], [0, B^-1]].
+    Matrix products do the work (2n^3/3, where torch has no triangular inverse; a triangular solve against the
+    identity costs n^3 and ran slower)."""
+    n = r.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(r, torch.eye(n, dtype=r.dtype, device=r.device), upper=True)
+    h = n // 2
+    a_inv, b_inv = upper_inverse(r[:h, :h], leaf), upper_inverse(r[h:, h:], leaf)
+    out = torch.zeros_like(r)
+    out[:h, :h], out[h:, h:] = a_inv, b_inv
+    out[:h, h:] = -(a_inv @ (r[:h, h:] @ b_inv))
+    return out
 
-    def inverse_factor(h):
-        chol = cholesky(h)
-        return cholesky(torch.cholesky_inverse(chol), upper=True) if chol is not None else None
 
-    return with_damping(hessian, percdamp, inverse_factor)
+def damped_factors(hessian: torch.Tensor, percdamp: float) -> tuple[tuple[torch.Tensor, torch.Tensor], list[Event]]:
+    """(U, R) with H + damp I = R R^T, R upper, and U = R^-1, so (H + damp I)^-1 = U^T U: U is the upper Cholesky
+    factor of the inverse that SparseGPT uses. R is the Cholesky factor of H with its order reversed (J H J = L L^T,
+    R = J L J): one factorisation and one triangular inverse, about 0.75x the time of the usual Cholesky, inverse and
+    Cholesky again (Qwen2.5-1.5B's 8960-wide down-projection Hessian: 6.0-6.4 against 7.8-8.5 s on 2 cores), with
+    half the residual max |U^T U (H + damp I) - I| there (5.5e-5 against 1.1e-4)."""
+
+    def factors(h):
+        low = cholesky(h.flip(0, 1))
+        if low is None:
+            return None
+        r = low.flip(0, 1)
+        u = upper_inverse(r)
+        return (u, r) if torch.isfinite(u).all() else None
+
+    return with_damping(hessian, percdamp, factors)
 
 
 class Factor(NamedTuple):
     """What SparseGPT needs of a Hessian, computed once however many weights share it: U, the upper Cholesky factor
-    of (H + damp I)^-1 with dead inputs (zero variance) given H_jj = 1, and which inputs are dead."""
+    of (H + damp I)^-1 with dead inputs (zero variance) given H_jj = 1, and which inputs are dead. With
+    `solves`, also R, the upper-triangular factor of that H + damp I = R R^T, for solving with it (`solve`)."""
 
     U: torch.Tensor
     dead: torch.Tensor
     events: tuple[Event, ...]
+    R: torch.Tensor | None = None
+
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        """B (H + damp I)^-1 for B [m, k], by two triangular solves with R: half the arithmetic of B U^T U."""
+        half = torch.linalg.solve_triangular(self.R.T, b, upper=False, left=False)  # B R^-T
+        return torch.linalg.solve_triangular(self.R, half, upper=True, left=False)  # B R^-T R^-1
 
 
-def hessian_factor(hessian: torch.Tensor, percdamp: float) -> Factor:
+def hessian_factor(hessian: torch.Tensor, percdamp: float, solves: bool = False) -> Factor:
     H = hessian.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    U, events = inverse_cholesky(H, percdamp)
-    return Factor(U, dead, tuple(events))
+    (U, R), events = damped_factors(H, percdamp)
+    return Factor(U, dead, tuple(events), R if solves else None)
 
 
 @dataclass

@@ -80,16 +80,17 @@ def cross(target: torch.Tensor, inputs: torch.Tensor, n: int) -> torch.Tensor:
     return parallel.all_sum(stats.cross(target, inputs)) / n
 
 
-def least_squares(t_a: torch.Tensor, hessian: torch.Tensor, U: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
-    """W* = argmin ||T - A W^T||^2 / n + lambda ||W - W0||^2 = W0 + (T^T A / n - W0 H)(H + lambda I)^-1, with
-    t_a = T^T A / n, H = A^T A / n, and (H + lambda I)^-1 = U^T U from SparseGPT's factor of H: lambda is its
-    damping, 0.01 mean(diag H), and one factorisation of each Hessian serves both the fit and the pruning.
+def least_squares(e: torch.Tensor, factor: Factor, w0: torch.Tensor) -> torch.Tensor:
+    """W* = argmin ||T - A W^T||^2 / n + lambda ||W - W0||^2 = W0 + E (H + lambda I)^-1, with
+    E = (T - A W0^T)^T A / n = T^T A / n - W0 H and H = A^T A / n, solved with the triangular factor of
+    H + lambda I from SparseGPT's factorisation of H: lambda is its damping, 0.01 mean(diag H), and one
+    factorisation of each Hessian serves both the fit and the pruning.
 
     The ridge pulls towards the dense weights, not towards zero: directions the calibration tokens barely
     determine stay where the dense model had them instead of shrinking, which is what held-out text rewards
     (SmolLM2, quick protocol: 2:4 WikiText-2 143.89 with a ridge towards zero, 115.43 towards W0).
     """
-    return w0 + (t_a - w0 @ hessian) @ U.T @ U
+    return w0 + factor.solve(e)
 
 
 class PStats:
@@ -121,9 +122,10 @@ class PStats:
         (self.r0_sq,) = parallel.all_sum_floats(self.r0_sq)
         return self
 
-    def cross(self) -> torch.Tensor:
-        """(Y - b2)^T P [d, f]."""
-        return torch.addmm(self.a, self.w0, self.gram)
+    def residual_cross(self, w: torch.Tensor) -> torch.Tensor:
+        """(Y - b2 - P W^T)^T P [d, f] for any W: A + (W0 - W) G, one product with G (down's least-squares fit
+        needs it for the dense W; as (Y - b2)^T P - W G it took two)."""
+        return torch.addmm(self.a, self.w0 - w, self.gram)
 
     def output_term(self, w: torch.Tensor) -> float:
         """||Y - b2 - P W^T||^2."""
@@ -295,33 +297,38 @@ class _Solver:
     def _s(self, sl: slice) -> torch.Tensor | None:
         return self.s[sl] if self.gated else None
 
-    def _factor(self, inputs: str, hessian: torch.Tensor) -> Factor:
-        factor = hessian_factor(hessian, self.m.percdamp)
+    def _factor(self, inputs: str, hessian: torch.Tensor, solves: bool = True) -> Factor:
+        factor = hessian_factor(hessian, self.m.percdamp, solves)
         self.events += [e.on(f"mlp {inputs}") for e in factor.events]
         return factor
 
     def _sparse_fit(
-        self, name: str, t_a: torch.Tensor | None, hessian: torch.Tensor, factor: Factor, refit: Refit | Alps | None
+        self, name: str, e: torch.Tensor | None, hessian: torch.Tensor, factor: Factor, refit: Refit | Alps | None
     ):
-        """SparseGPT on the least-squares fit (t_a = T^T A / n), then `refit`; round 0 (None) fits the dense targets."""
+        """SparseGPT on the least-squares fit (e = (T - A W0^T)^T A / n, W0 the dense weight), then `refit`;
+        round 0 (None) fits the dense targets."""
         dense = self.dense[name]
-        w_star = dense if t_a is None else least_squares(t_a, hessian, factor.U, dense)
+        w_star = dense if e is None else least_squares(e, factor, dense)
         pruned = self.m.prune_factored(w_star, factor, self.target)
         if refit is not None:  # SparseGPT's sweep leaves the masked least squares unsolved, its mask unrevised
             pruned = refit(w_star, pruned, hessian, self.target)
         self._linears()[name].weight.data.copy_(pruned)
 
+    def _input_fit(self, name: str, target: torch.Tensor) -> torch.Tensor:
+        """(T - X W0^T)^T X / n for up or gate (T: Z or S), W0 its dense weight."""
+        e = cross(target, self.x, self.n).sub_(self.dense[name] @ self.hx)
+        if name == "up" and self.b1 is not None:
+            e -= torch.outer(self.b1, self.x_mean)
+        return e
+
     def w_steps(self, r: int) -> None:
         first, refit = r == 0, self.m.reconstruction(r)
-        up_fit = None if first else cross(self.z, self.x, self.n)
-        if up_fit is not None and self.b1 is not None:
-            up_fit -= torch.outer(self.b1, self.x_mean)
-        self._sparse_fit("up", up_fit, self.hx, self.hx_factor, refit)
-        if self.gated:
-            self._sparse_fit("gate", None if first else cross(self.s, self.x, self.n), self.hx, self.hx_factor, refit)
+        for name, target in (("up", self.z), ("gate", self.s)) if self.gated else (("up", self.z),):
+            fit = None if first else self._input_fit(name, target)
+            self._sparse_fit(name, fit, self.hx, self.hx_factor, refit)
         hp = self.p_stats.gram / self.n
-        down_fit = None if first else self.p_stats.cross() / self.n
-        self._sparse_fit("down", down_fit, hp, self._factor("down input", hp), refit)
+        down_fit = None if first else self.p_stats.residual_cross(self.dense["down"]) / self.n
+        self._sparse_fit("down", down_fit, hp, self._factor("down input", hp, solves=not first), refit)
 
     def sweep(self, last: bool) -> tuple[float, float, float]:
         """One pass over the tokens with the W-steps' weights: (real MLP output error ||Y - mlp(X)||^2 / ||Y||^2,
