@@ -93,10 +93,10 @@ def damped_factors(hessian: torch.Tensor, percdamp: float) -> tuple[tuple[torch.
     half the residual max |U^T U (H + damp I) - I| there (5.5e-5 against 1.1e-4)."""
 
     def factors(h):
-        low = cholesky(h.flip(0, 1))
-        if low is None:
+        r = cholesky(h.flip(0, 1))
+        if r is None:
             return None
-        r = low.flip(0, 1)
+        r = r.flip(0, 1)  # rebound: the reversed factor's memory is freed before the inverse's
         u = upper_inverse(r)
         return (u, r) if torch.isfinite(u).all() else None
 
