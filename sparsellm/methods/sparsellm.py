@@ -297,8 +297,8 @@ class _Solver:
     def _s(self, sl: slice) -> torch.Tensor | None:
         return self.s[sl] if self.gated else None
 
-    def _factor(self, inputs: str, hessian: torch.Tensor, solves: bool = True) -> Factor:
-        factor = hessian_factor(hessian, self.m.percdamp, solves)
+    def _factor(self, inputs: str, hessian: torch.Tensor) -> Factor:
+        factor = hessian_factor(hessian, self.m.percdamp, solves=True)
         self.events += [e.on(f"mlp {inputs}") for e in factor.events]
         return factor
 
@@ -328,7 +328,7 @@ class _Solver:
             self._sparse_fit(name, fit, self.hx, self.hx_factor, refit)
         hp = self.p_stats.gram / self.n
         down_fit = None if first else self.p_stats.residual_cross(self.dense["down"]) / self.n
-        self._sparse_fit("down", down_fit, hp, self._factor("down input", hp, solves=not first), refit)
+        self._sparse_fit("down", down_fit, hp, self._factor("down input", hp), refit)
 
     def sweep(self, last: bool) -> tuple[float, float, float]:
         """One pass over the tokens with the W-steps' weights: (real MLP output error ||Y - mlp(X)||^2 / ||Y||^2,
