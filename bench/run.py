@@ -13,9 +13,10 @@ deviation of 6% at 3:4 on SmolLM2) and more between seeds, so a 1% comparison is
 llm-compressor (optional: `bash bench/peer_env.sh` makes `.venv-peer`, since it pins its own transformers)
 prunes the same linears from the same tokens in its own process; its model is evaluated by our evaluator,
 so perplexities differ only by the pruning. The floor is two forward passes of the calibration set
-through the dense decoder, the least any layer-wise method must do. Writes OUT/bench.json, OUT/bench.md
-and OUT/*.png; `--write` puts the table into BENCHMARKS.md, replacing the section of the same model, methods,
-targets and seeds. Each run's folder keeps its report, plots and log;
+through the dense decoder, the least any layer-wise method must do. Writes OUT/bench.json, OUT/bench.md,
+OUT/*.png and OUT/dense.json (the dense row and floor, which a later grid in the same OUT reuses); `--write`
+puts the table into BENCHMARKS.md, replacing the section of the same model, methods, targets and seeds. Each
+run's folder keeps its report, plots and log;
 its weights are deleted once read (`--keep-models` keeps them: ~20 GB for the default grid on SmolLM2).
 """
 
@@ -199,11 +200,11 @@ def measured_sparsity(folder: Path) -> float:
 
 def dense_and_floor(args, calib: Path) -> dict:
     """Dense perplexity and the floor, measured once per OUT folder: a later grid in the same OUT (another method
-    of the same model and protocol) reuses OUT/dense.json when it covers the texts it needs. On a 1.5B model the
-    dense evaluation alone is 20 minutes of a 2-core machine."""
+    of the same model and protocol, on the same machine) reuses OUT/dense.json when it covers the texts it needs.
+    On a 1.5B model the dense evaluation alone is 20 minutes of a 2-core machine."""
     every = sorted({d for t in args.sparsities.split(",") for d in datasets_for(args, t)})
-    cache, key = args.out / "dense.json", {"model": args.model, "protocol": args.protocol,
-                                           "zeroshot_limit": args.zeroshot_limit}  # fmt: skip
+    cache = args.out / "dense.json"
+    key = {"model": args.model, "protocol": args.protocol, "zeroshot_limit": args.zeroshot_limit, "machine": machine()}
     if cache.is_file():
         cached = json.loads(cache.read_text())
         if cached["key"] == key and set(every) <= set(cached["perplexity"]):
