@@ -14,7 +14,8 @@ llm-compressor (optional: `bash bench/peer_env.sh` makes `.venv-peer`, since it 
 prunes the same linears from the same tokens in its own process; its model is evaluated by our evaluator,
 so perplexities differ only by the pruning. The floor is two forward passes of the calibration set
 through the dense decoder, the least any layer-wise method must do. Writes OUT/bench.json, OUT/bench.md,
-OUT/*.png and OUT/dense.json (the dense row and floor, which a later grid in the same OUT reuses); `--write`
+OUT/*.png and OUT/dense.json (the dense row and floor, which a later grid in the same OUT reuses), and each row
+in its run's folder as row.json (`--resume` reads those instead of running them again); `--write`
 puts the table into BENCHMARKS.md, replacing the section of the same model, methods, targets and seeds. Each
 run's folder keeps its report, plots and log;
 its weights are deleted once read (`--keep-models` keeps them: ~20 GB for the default grid on SmolLM2).
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-run")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="read the rows already measured in OUT (same model, protocol, seed, method, target, calibration tokens,"
+        " texts and machine) instead of running them again",
+    )
     ap.add_argument("--write", action="store_true", help="replace this grid's section of BENCHMARKS.md (or add it)")
     ap.add_argument(
         "--keep-models",
@@ -133,6 +141,25 @@ def calibrations(model: str, protocol: str, folders: dict[int, Path]) -> dict[in
     return out
 
 
+def kept(args, folder: Path, key: dict, run) -> dict:
+    """A grid row, kept in FOLDER/row.json with its key and when it was measured: with `--resume` a row of the
+    same key (a stopped grid's, or another grid's in the same OUT) is read instead of run again."""
+    path = folder / "row.json"
+    if args.resume and path.is_file():
+        row = json.loads(path.read_text())
+        if row["key"] == key:
+            return {**row["row"], "reused": row["measured"]}
+    measured, row = stamp(), run()
+    path.write_text(json.dumps({"key": key, "measured": measured, "row": row}, indent=1))
+    return row
+
+
+def row_key(args, seed: int, toolkit: str, method: str, target: str, calib_sha: str) -> dict:
+    return {"model": args.model, "protocol": args.protocol, "seed": seed, "toolkit": toolkit, "method": method,
+            "target": target, "calibration": calib_sha, "datasets": list(datasets_for(args, target)),
+            "zeroshot_limit": args.zeroshot_limit, "machine": machine()}  # fmt: skip
+
+
 def ours(args, out: Path, seed: int, method: str, target: str, calib_sha: str) -> dict:
     name = f"{method}-{target}"
     datasets = datasets_for(args, target)
@@ -141,8 +168,14 @@ def ours(args, out: Path, seed: int, method: str, target: str, calib_sha: str) -
     cmd += ["--out", str(out / name), "--overwrite"]
     cmd += zeroshot_args(args)
     sh(cmd, out / f"{name}.log")
-    report = json.loads((out / name / "report.json").read_text())
-    drop_weights(args, out / name)
+    return our_row(args, out / name, seed, method, target, calib_sha)
+
+
+def our_row(args, folder: Path, seed: int, method: str, target: str, calib_sha: str) -> dict:
+    """The table's row of one of our runs, read from its report (its weights are then deleted)."""
+    name = folder.name
+    report = json.loads((folder / "report.json").read_text())
+    drop_weights(args, folder)
     if report["data"]["calibration"]["tokens_sha256"] != calib_sha:
         raise SystemExit(f"bench: {name} used other calibration tokens than the bench computed")
     return {
@@ -344,12 +377,17 @@ def grid(args, out: Path, seed: int, calib: Path, calib_sha: str, use_peer: bool
     """Every method at every target on one seed's calibration tokens, ours and (if installed) llm-compressor's."""
     rows, methods = [], args.methods.split(",")
     for target in args.sparsities.split(","):
-        for method in methods:
-            print(f"bench: seed {seed}: sparsellm {method} {target}", file=sys.stderr)
-            rows.append(ours(args, out, seed, method, target, calib_sha))
-        for method in (m for m in PEER_METHODS if use_peer and m in methods):
-            print(f"bench: seed {seed}: llm-compressor {method} {target}", file=sys.stderr)
-            rows.append(peer(args, out, seed, method, target, calib))
+        runs = [
+            ("sparsellm", m, f"{m}-{target}", partial(ours, args, out, seed, m, target, calib_sha)) for m in methods
+        ]
+        runs += [
+            ("llmcompressor", m, f"llmcompressor-{m}-{target}", partial(peer, args, out, seed, m, target, calib))
+            for m in PEER_METHODS
+            if use_peer and m in methods
+        ]
+        for toolkit, method, name, run in runs:
+            print(f"bench: seed {seed}: {toolkit} {method} {target}", file=sys.stderr)
+            rows.append(kept(args, out / name, row_key(args, seed, toolkit, method, target, calib_sha), run))
     plots(rows, out)
     return rows
 
@@ -386,6 +424,14 @@ def machine() -> str:
     flags = sorted(cpu_flags() & set(CPU_BF16_FLAGS)) or ["no bf16 flags"]
     threads = torch.get_num_threads()
     return f"{model} ({', '.join(flags)}), {threads} thread{'s' if threads > 1 else ''}"
+
+
+def reused_note(rows: list[dict]) -> str:
+    """The rows a `--resume` read from earlier runs, and when those ran (the table names its own commit)."""
+    reused = [
+        f"{r['toolkit']} {r['method']} {r['target']} seed {r['seed']} ({r['reused']})" for r in rows if "reused" in r
+    ]
+    return f" Rows measured by an earlier run in OUT: {'; '.join(reused)}." if reused else ""
 
 
 def publish(text: str, key: str, write: bool) -> None:
@@ -443,6 +489,7 @@ def main() -> None:
         f"`{result['command']}` on {result['machine']};"
         f" floor (two dense forward passes of the calibration set) {dense['floor_s']:.1f} s"
         f" (with the dense row: {dense['measured']})."
+        + reused_note(rows)
         + (
             f" Zero-shot acc: mean `acc` over the seven tasks, first {args.zeroshot_limit} items each"
             " (HellaSwag from the bundled preprocessed copy, not lm-eval-exact)."

@@ -221,6 +221,25 @@ def test_bench_runs_each_seed_on_its_own_calibration_tokens(tiny_folder, tmp_pat
     assert not list(out.rglob("*.safetensors"))  # weights dropped once read
 
 
+def test_bench_resume_reads_the_rows_and_dense_row_already_in_out(tiny_folder, tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(BENCH), "--model", str(tiny_folder), "--sparsities", "0.5", "--all-datasets", "none"]
+    cmd += ["--no-peer", "--out", str(out)]
+    assert subprocess.run([*cmd, "--methods", "magnitude"], capture_output=True, text=True).returncode == 0
+    first = {p: p.stat().st_mtime_ns for p in (out / "dense.json", out / "magnitude-0.5" / "report.json")}
+    r = subprocess.run([*cmd, "--methods", "magnitude,wanda", "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert {p: p.stat().st_mtime_ns for p in first} == first  # neither measured again
+    runs = json.loads((out / "bench.json").read_text())["runs"]
+    assert [(run["method"], "reused" in run) for run in runs] == [("magnitude", True), ("wanda", False)]
+    assert "Rows measured by an earlier run in OUT: sparsellm magnitude 0.5 seed 0 (" in (out / "bench.md").read_text()
+    r = subprocess.run([*cmd, "--methods", "magnitude", "--seed", "1", "--resume"], capture_output=True, text=True)
+    assert (
+        r.returncode == 0
+        and first[out / "magnitude-0.5" / "report.json"] != (out / "magnitude-0.5" / "report.json").stat().st_mtime_ns
+    )  # another seed's tokens: run again
+
+
 def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path):
     folder = tmp_path / "mismatch"
     config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
