@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -160,8 +160,13 @@ def row_key(args, seed: int, toolkit: str, method: str, target: str, calib_sha: 
             "zeroshot_limit": args.zeroshot_limit, "machine": machine()}  # fmt: skip
 
 
+def run_name(toolkit: str, method: str, target: str) -> str:
+    """A run's folder (and log) name in OUT: ours bare, the peer's prefixed by its toolkit."""
+    return f"{method}-{target}" if toolkit == "sparsellm" else f"{toolkit}-{method}-{target}"
+
+
 def ours(args, out: Path, seed: int, method: str, target: str, calib_sha: str) -> dict:
-    name = f"{method}-{target}"
+    name = run_name("sparsellm", method, target)
     datasets = datasets_for(args, target)
     cmd = [sys.executable, "-m", "sparsellm", "prune", args.model, "--method", method, *target_args(target)]
     cmd += ["--protocol", args.protocol, "--seed", str(seed), "--eval", ",".join(datasets)]
@@ -193,7 +198,7 @@ def our_row(args, folder: Path, seed: int, method: str, target: str, calib_sha: 
 
 
 def peer(args, out: Path, seed: int, method: str, target: str, calib: Path) -> dict:
-    name = f"llmcompressor-{method}-{target}"
+    name = run_name("llmcompressor", method, target)
     folder = out / name
     from sparsellm.models import loading
 
@@ -377,17 +382,16 @@ def grid(args, out: Path, seed: int, calib: Path, calib_sha: str, use_peer: bool
     """Every method at every target on one seed's calibration tokens, ours and (if installed) llm-compressor's."""
     rows, methods = [], args.methods.split(",")
     for target in args.sparsities.split(","):
-        runs = [
-            ("sparsellm", m, f"{m}-{target}", partial(ours, args, out, seed, m, target, calib_sha)) for m in methods
-        ]
+        runs = [("sparsellm", m, partial(ours, args, out, seed, m, target, calib_sha)) for m in methods]
         runs += [
-            ("llmcompressor", m, f"llmcompressor-{m}-{target}", partial(peer, args, out, seed, m, target, calib))
+            ("llmcompressor", m, partial(peer, args, out, seed, m, target, calib))
             for m in PEER_METHODS
             if use_peer and m in methods
         ]
-        for toolkit, method, name, run in runs:
+        for toolkit, method, run in runs:
             print(f"bench: seed {seed}: {toolkit} {method} {target}", file=sys.stderr)
-            rows.append(kept(args, out / name, row_key(args, seed, toolkit, method, target, calib_sha), run))
+            key = row_key(args, seed, toolkit, method, target, calib_sha)
+            rows.append(kept(args, out / run_name(toolkit, method, target), key, run))
     plots(rows, out)
     return rows
 
@@ -415,6 +419,7 @@ def seconds(fn, repeats: int) -> list[float]:
     return times
 
 
+@cache  # one lscpu call: every row's key and the table's header name the machine
 def machine() -> str:
     """The CPU model and its bf16 flags, as lscpu gives them (speed differs by CPU, so every table says)."""
     from sparsellm.core.precision import CPU_BF16_FLAGS, cpu_flags
