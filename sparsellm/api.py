@@ -108,7 +108,7 @@ class PruneConfig:
     layers: str = "all"
     true_sequential: bool = False
     batch_size: int = 8
-    method_options: dict = field(default_factory=dict)  # SparseLLM: rounds, alpha, beta, gamma, alps_rounds, ...
+    method_options: dict = field(default_factory=dict)  # percdamp (SparseGPT, SparseLLM); SparseLLM: rounds, alpha, ...
     max_memory: int | None = None  # bytes of RAM for per-token tensors (default: half the RAM); beyond: disk
     offload_dir: str | None = None  # where offloaded tensors go (default: the temporary folder)
     precision: str = "auto"  # matrix products: bf16 (fp32 sums and solves) where the hardware has it, else fp32
@@ -166,8 +166,9 @@ class PruneConfig:
             raise UserError(f"unknown refit '{self.refit}'; choose from: {', '.join(REFITS)}")
         if self.refit == "none":
             return None
-        pcg = Refit(self.refit_iterations)
-        return pcg if self.refit == "pcg" else Alps(self.alps_iterations, self.alps_rho, refit=pcg)
+        damping = self.method_options.get("percdamp", Refit.damping)  # the method's, for the same conditioning
+        pcg = Refit(self.refit_iterations, damping)
+        return pcg if self.refit == "pcg" else Alps(self.alps_iterations, self.alps_rho, damping, pcg)
 
 
 REFITS = ("none", "pcg", "alps")

@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the method's, chosen on C4 validation: owl 0.2 with sparsegpt or sparsellm, dlp 0.15 with wanda; else 0.08)",
     )
     p.add_argument("--owl-m", type=float, help="owl: an outlier's score exceeds M x the layer mean (default 5)")
+    p.add_argument(
+        "--damping",
+        type=float,
+        help="sparsegpt, sparsellm: the ridge added to each input Hessian, as a fraction of its mean diagonal "
+        "(default 0.01); with few calibration tokens per input (a wide linear, a short calibration set) a larger one "
+        "(0.1) fits the calibration text less closely",
+    )
     s = p.add_argument_group("SparseLLM (--method sparsellm)")
     s.add_argument("--rounds", type=int, help="alternating rounds per MLP (round 1 = SparseGPT)")
     s.add_argument("--alpha", type=float, help="weight of the up/gate terms (each term is normalised per layer)")
@@ -270,7 +277,7 @@ def _bytes(text: str) -> int:
 
 
 def _method_options(args) -> dict:
-    """SparseLLM's options as given (the method validates their values, for the API and the CLI alike)."""
+    """The method's options as given (the method validates their values, for the API and the CLI alike)."""
     names = ("rounds", "alpha", "beta", "gamma", "alps_rounds")
     options = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.dense_attention_input:
@@ -280,6 +287,10 @@ def _method_options(args) -> dict:
             "--rounds, --alpha, --beta, --gamma, --alps-rounds and --dense-attention-input apply to --method sparsellm "
             "only"
         )
+    if args.damping is not None:
+        if args.method not in ("sparsegpt", "sparsellm"):
+            raise UserError("--damping applies to --method sparsegpt or sparsellm only")
+        options["percdamp"] = args.damping
     return options
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, PreTrainedModel
 
 from sparsellm import cli
@@ -89,6 +90,9 @@ BAD = {
     "unknown precision": (["--sparsity", "0.5", "--precision", "fp16"], "unknown --precision 'fp16'"),
     "zero-shot limit 0": (["--sparsity", "0.5", "--tasks", "rte", "--limit", "0"], "--limit must be at least 1"),
     "alps rho 0": (["--sparsity", "0.5", "--refit", "alps", "--alps-rho", "0"], "initial rho must be in (0, 1e6)"),
+    "damping 0": (["--sparsity", "0.5", "--damping", "0"], "--damping must be a finite positive number"),
+    "damping nan": (["--sparsity", "0.5", "--method", "sparsellm", "--damping", "nan"], "finite positive number"),
+    "damping with wanda": (["--sparsity", "0.5", "--method", "wanda", "--damping", "0.1"], "sparsegpt or sparsellm"),
     "missing hellaswag file": (
         ["--sparsity", "0.5", "--tasks", "hellaswag", "--hellaswag-file", "{tmp}/none.jsonl"],
         "--hellaswag-file",
@@ -263,6 +267,25 @@ def test_sparsellm_options_reach_the_solver(tiny_folder, tmp_path):
     assert r.returncode == 2 and "--rounds must be at least 1" in r.stderr
     r = run("prune", str(tiny_folder), "--method", "wanda", *args[2:], "--rounds", "2", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "apply to --method sparsellm only" in r.stderr
+
+
+def test_damping_reaches_the_solver_and_the_refit(tiny_folder, tmp_path):
+    """--damping is SparseGPT's percdamp: in the report, in the factorisation, and in the engine's PCG refit."""
+    from sparsellm import api
+    from sparsellm.methods import sparsegpt
+
+    base = ["--method", "sparsegpt", "--sparsity", "0.5", "--seqlen", "64", "--nsamples", "2"]
+    plain, damped = tmp_path / "plain", tmp_path / "damped"
+    assert run("prune", str(tiny_folder), *base, "--out", str(plain)).returncode == 0
+    r = run("prune", str(tiny_folder), *base, "--damping", "0.5", "--out", str(damped))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((damped / "report.json").read_text())["config"]["method_options"] == {"percdamp": 0.5}
+    weights = [load_file(folder / "model.safetensors") for folder in (plain, damped)]
+    name = next(k for k in weights[0] if k.endswith("mlp.down_proj.weight"))
+    assert not torch.equal(weights[0][name], weights[1][name])  # another ridge, other kept weights
+    config = api.PruneConfig(method="sparsegpt", sparsity=0.5, refit="pcg", method_options={"percdamp": 0.5})
+    assert config.refitter().damping == 0.5 and config.make_method().percdamp == 0.5
+    assert sparsegpt.SparseGPT().percdamp == api.PruneConfig(refit="pcg").refitter().damping  # the same default
 
 
 def test_offloaded_activations_that_cannot_fit_are_refused_in_one_line(tiny_folder, tmp_path, monkeypatch, capsys):

@@ -10,6 +10,7 @@ accumulated error over all later columns in one matmul (lazy batch updates).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -136,6 +137,11 @@ class SparseGPT(Method):
     spreads = {"owl": 0.2, "dlp": 0.08}
     blocksize: int = 128
     percdamp: float = 0.01
+
+    def __post_init__(self):
+        damp = self.percdamp
+        if not (isinstance(damp, int | float) and not isinstance(damp, bool) and math.isfinite(damp) and damp > 0):
+            raise UserError(f"--damping must be a finite positive number; got {damp}")
 
     def prune(self, weight: torch.Tensor, hessian: torch.Tensor, target: Target) -> Pruned:
         factor = hessian_factor(hessian, self.percdamp)

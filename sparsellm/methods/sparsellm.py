@@ -207,6 +207,7 @@ class SparseLLM(SparseGPT):
     alps_rounds: int | None = None  # ALPS in the last this many rounds' W-steps only, PCG before (None: every round)
 
     def __post_init__(self):
+        super().__post_init__()
         if not (isinstance(self.rounds, int) and self.rounds >= 1):
             raise UserError(f"--rounds must be at least 1 (a whole number); got {self.rounds}")
         for name in ("alpha", "beta", "gamma"):
