@@ -288,8 +288,11 @@ def _method_options(args) -> dict:
             "only"
         )
     if args.damping is not None:
-        if args.method not in ("sparsegpt", "sparsellm"):
-            raise UserError("--damping applies to --method sparsegpt or sparsellm only")
+        from .api import METHODS
+
+        damped = [name for name, method in METHODS.items() if hasattr(method, "percdamp")]
+        if args.method not in damped:
+            raise UserError(f"--damping applies to --method {' or '.join(damped)} only")
         options["percdamp"] = args.damping
     return options
 
