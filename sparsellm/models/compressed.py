@@ -55,6 +55,12 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(bits.numpy(), axis=-1, bitorder="little"))
 
 
+def unpack_bits(packed: torch.Tensor) -> np.ndarray:
+    """The inverse of pack_bits, padding included: uint8 [..., k] -> 0/1 bytes [..., 8k] (numpy: 7x a torch table
+    lookup)."""
+    return np.unpackbits(packed.numpy(), axis=-1, bitorder="little")
+
+
 def nonzero(w: torch.Tensor) -> torch.Tensor:
     """Where `w`'s bytes are not all zero (so -0.0 counts as a value)."""
     return w.contiguous().view(torch.uint8).reshape(*w.shape, w.element_size()).ne(0).any(-1)
@@ -149,46 +155,26 @@ def decode(read, name: str, entry: dict) -> torch.Tensor:
     return _decode_nm(read(f"{name}::codes"), values, shape, int(entry["n"]), int(entry["m"]), name)
 
 
-# Bitmask bytes unpacked at a time: a whole 8960 x 1536 matrix's mask as booleans is 13.7 MB of new memory per
-# matrix, which this virtual machine's host backs page by page; a chunk this size is reused from the heap.
-_MASK_CHUNK = 1 << 20
-_GROUP_CHUNK = 1 << 17  # N:M groups decoded at a time, for the same reason: their positions are 8 bytes each
-
-
 def _decode_bitmask(packed: torch.Tensor, values: torch.Tensor, shape: tuple, name: str) -> torch.Tensor:
-    cols = shape[-1]
-    _expect(cols > 0 and packed.dtype == torch.uint8 and tuple(packed.shape) == (*shape[:-1], -(-cols // 8)), name)
-    rows = packed.numpy().reshape(-1, packed.shape[-1])
-    padding = 0xFF & ~((1 << cols % 8) - 1) if cols % 8 else 0
-    _expect(not (rows[:, -1] & padding).any(), name)  # else a row's count would take its neighbour's values
-    starts = np.concatenate([[0], np.cumsum(np.bitwise_count(rows).sum(1, dtype=np.int64))])
-    _expect(values.numel() == starts[-1], name)
-    out = zeros_for_filling(shape, values.dtype)
-    flat = out.view(-1, cols)
-    step = max(1, _MASK_CHUNK // cols)
-    for r in range(0, rows.shape[0], step):
-        bits = np.unpackbits(rows[r : r + step], axis=-1, count=cols, bitorder="little")
-        mask = torch.from_numpy(bits).view(torch.bool)  # 0/1 bytes are valid booleans
-        flat[r : r + step].masked_scatter_(mask, values[starts[r] : starts[min(r + step, rows.shape[0])]])
-    return out
+    _expect(packed.dtype == torch.uint8 and tuple(packed.shape) == (*shape[:-1], -(-shape[-1] // 8)), name)
+    bits = unpack_bits(packed)
+    # a set padding bit, its value stored too, would pass the count and move every later value one place on
+    _expect(not bits[..., shape[-1] :].any() and values.numel() == np.count_nonzero(bits), name)
+    mask = torch.from_numpy(bits).view(torch.bool)[..., : shape[-1]]  # 0/1 bytes are valid booleans
+    return zeros_for_filling(shape, values.dtype).masked_scatter_(mask, values)
 
 
 def _decode_nm(packed: torch.Tensor, values: torch.Tensor, shape: tuple, n: int, m: int, name: str) -> torch.Tensor:
     _expect(0 < n < m <= 16 and len(shape) == 2 and shape[1] % m == 0, name)
-    groups, keep, width, positions = shape[0] * shape[1] // m, m - n, _code_bits(m, m - n), _patterns(m, m - n)[0]
+    groups, width, positions = shape[0] * shape[1] // m, _code_bits(m, m - n), _patterns(m, m - n)[0]
     _expect(packed.dtype == torch.uint8 and packed.numel() == -(-groups * width // 8), name)
-    _expect(values.numel() == groups * keep, name)
+    codes = _unpack_codes(packed, groups, width)
+    _expect(int(codes.max()) < len(positions) and values.numel() == groups * (m - n), name)
+    # Each group's values go to the positions its code names: no running count through the matrix as a bitmask
+    # needs. numpy's take looks the positions up 4x faster than torch's index_select on rows this short.
+    kept_at = torch.from_numpy(np.take(positions.numpy(), codes.numpy(), axis=0))
     out = zeros_for_filling(shape, values.dtype)
-    into, kept = out.view(groups, m), values.view(groups, keep)
-    step = _GROUP_CHUNK  # a multiple of 8: eight codes fill `width` bytes exactly
-    for g in range(0, groups, step):
-        count = min(step, groups - g)
-        codes = _unpack_codes(packed[g * width // 8 : -(-(g + count) * width // 8)], count, width)
-        _expect(int(codes.max()) < len(positions), name)
-        # Each group's values go to the positions its code names: no running count through the matrix as a
-        # bitmask needs. numpy's take looks the positions up 4x faster than torch's index_select on rows this short.
-        kept_at = torch.from_numpy(np.take(positions.numpy(), codes.numpy(), axis=0))
-        into[g : g + count].scatter_(1, kept_at, kept[g : g + count])
+    out.view(groups, m).scatter_(1, kept_at, values.view(groups, m - n))
     return out
 
 
